@@ -1,0 +1,190 @@
+"""The only module that imports Keras: builds the network from an :class:`~vggnorm.archs.Arch`.
+
+The network is rebuilt from the architecture table and the parsed weight arrays, so no code from a
+model file ever runs. Images enter as uint8 RGB; preprocessing runs inside the compiled graph. The
+stats model reduces every conv's post-ReLU activations to per-filter sum and sum of squares on the
+device (float32 tree reductions over one batch), so only a few KB per batch reach the host, where
+:mod:`vggnorm.stats` accumulates them in float64.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from .archs import Arch, ConvSpec, PoolSpec
+
+Preprocess = Literal["caffe", "unit", "torch"]
+Precision = Literal["fp32", "bf16"]
+
+PREPROCESS_HELP = {
+    "caffe": "RGB->BGR minus the ImageNet mean (103.939, 116.779, 123.68), no scaling: "
+    "keras.applications VGG",
+    "unit": "RGB / 255",
+    "torch": "RGB / 255, minus mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225)",
+}
+
+
+def _keras() -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off
+    try:
+        import keras
+    except ImportError as e:
+        raise ImportError(
+            "the forward pass needs Keras and a backend: pip install 'vggnorm[keras]'"
+        ) from e
+    return keras
+
+
+def _preprocess_layer(keras: Any, scheme: Preprocess) -> Any:
+    ops = keras.ops
+
+    class Preprocessing(keras.layers.Layer):  # type: ignore[misc, name-defined]
+        def call(self, x: Any) -> Any:
+            x = ops.cast(x, "float32")
+            if scheme == "caffe":
+                return ops.flip(x, axis=-1) - ops.convert_to_tensor([103.939, 116.779, 123.68])
+            if scheme == "unit":
+                return x / 255.0
+            mean = ops.convert_to_tensor([0.485, 0.456, 0.406])
+            std = ops.convert_to_tensor([0.229, 0.224, 0.225])
+            return (x / 255.0 - mean) / std
+
+    return Preprocessing(name=f"preprocess_{scheme}", dtype="float32")
+
+
+def _moments_layer(keras: Any, name: str) -> Any:
+    ops = keras.ops
+
+    class ChannelMoments(keras.layers.Layer):  # type: ignore[misc, name-defined]
+        def call(self, x: Any) -> Any:
+            x = ops.cast(x, "float32")
+            s = ops.sum(x, axis=(0, 1, 2))
+            ss = ops.sum(x * x, axis=(0, 1, 2))
+            return ops.stack([s, ss])[None]  # (1, 2, C): a leading axis keeps Keras happy
+
+    return ChannelMoments(name=f"{name}_moments", dtype="float32")
+
+
+def _features(
+    keras: Any, arch: Arch, x: Any, precision: Precision
+) -> tuple[Any, list[tuple[str, Any]]]:
+    dtype = "mixed_bfloat16" if precision == "bf16" else "float32"
+    L = keras.layers
+    taps = []
+    for layer in arch.features:
+        if isinstance(layer, ConvSpec):
+            x = L.Conv2D(
+                layer.filters,
+                layer.kernel_size,
+                strides=layer.strides,
+                padding=layer.padding,
+                activation="relu",
+                use_bias=layer.use_bias,
+                name=layer.name,
+                dtype=dtype,
+            )(x)
+            taps.append((layer.name, x))
+        elif isinstance(layer, PoolSpec):
+            pool = L.MaxPooling2D if layer.kind == "max" else L.AveragePooling2D
+            x = pool(layer.pool_size, layer.strides, layer.padding, name=layer.name, dtype=dtype)(x)
+    return x, taps
+
+
+def _set(model: Any, arch: Arch, arrays: Mapping[str, np.ndarray], with_head: bool) -> None:
+    names = [c.name for c in arch.convs]
+    if with_head and arch.head is not None:
+        names += [d.name for d in arch.head.dense]
+    for name in names:
+        values = [arrays[f"{name}/kernel"]] + (
+            [arrays[f"{name}/bias"]] if f"{name}/bias" in arrays else []
+        )
+        model.get_layer(name).set_weights([np.asarray(v, dtype=np.float32) for v in values])
+
+
+class FeatureNet:
+    """A compiled VGG feature extractor over uint8 RGB batches.
+
+    ``moments(batch)`` returns ``{conv: (sum, sumsq, count)}`` for one batch; ``activations(batch)``
+    returns every conv's post-ReLU activation (float32) and, with a head, the predictions.
+    """
+
+    def __init__(
+        self,
+        arch: Arch,
+        arrays: Mapping[str, np.ndarray],
+        size: int,
+        preprocess: Preprocess = "caffe",
+        precision: Precision = "fp32",
+        *,
+        outputs: Literal["moments", "activations"] = "moments",
+        with_head: bool = False,
+    ) -> None:
+        keras = _keras()
+        self.arch = arch
+        self.size = size
+        inputs = keras.Input((size, size, 3), dtype="uint8", name="images")
+        x = _preprocess_layer(keras, preprocess)(inputs)
+        x, taps = _features(keras, arch, x, precision)
+        self._spatial = {}
+        outs = []
+        for name, t in taps:
+            self._spatial[name] = int(t.shape[1]) * int(t.shape[2])
+            outs.append(_moments_layer(keras, name)(t) if outputs == "moments" else t)
+        self.has_head = bool(with_head and arch.head is not None)
+        if self.has_head:
+            assert arch.head is not None
+            L = keras.layers
+            reduce = {
+                "flatten": L.Flatten,
+                "gap": L.GlobalAveragePooling2D,
+                "gmp": L.GlobalMaxPooling2D,
+            }[arch.head.reduce]
+            x = reduce(name="head_reduce")(x)
+            for d in arch.head.dense:
+                x = L.Dense(
+                    d.units,
+                    activation=d.activation,
+                    use_bias=d.use_bias,
+                    name=d.name,
+                    dtype="float32",
+                )(x)
+            outs.append(x)
+        self.model = keras.Model(inputs, outs, name=f"{arch.name}_{outputs}")
+        _set(self.model, arch, arrays, self.has_head)
+
+    def moments(
+        self, images: npt.NDArray[np.uint8]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        out = self.model.predict_on_batch(images)
+        n = int(images.shape[0])
+        return {
+            name: (np.asarray(o[0, 0]), np.asarray(o[0, 1]), n * self._spatial[name])
+            for name, o in zip((c.name for c in self.arch.convs), out)
+        }
+
+    def activations(self, images: npt.NDArray[np.uint8]) -> list[np.ndarray]:
+        out = self.model.predict_on_batch(images)
+        return [np.asarray(o, dtype=np.float32) for o in out]
+
+
+def backend_description() -> str:
+    keras = _keras()
+    return f"keras {keras.__version__} ({keras.backend.backend()})"
+
+
+def fetch_imagenet_weights(model: str, include_top: bool = False) -> str:
+    """Path to Keras's ImageNet weights for ``model``, downloaded and cached as keras.applications does."""
+    from .archs import IMAGENET_WEIGHTS
+
+    keras = _keras()
+    origin, md5 = IMAGENET_WEIGHTS[(model, include_top)]
+    return str(
+        keras.utils.get_file(
+            origin.rsplit("/", 1)[-1], origin, cache_subdir="models", file_hash=md5
+        )
+    )

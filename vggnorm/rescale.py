@@ -1,0 +1,155 @@
+"""Exact rescaling of a ReLU conv chain. Pure numpy: no framework, no files.
+
+Weights are a flat ``dict[str, ndarray]`` keyed ``"<layer>/kernel"`` and ``"<layer>/bias"``
+(Keras channels-last shapes: conv kernels (kh, kw, C_in, C_out), dense kernels (rows, units)).
+Dividing filter c of conv l by s_l[c] divides its post-ReLU output by s_l[c] (ReLU is positively
+homogeneous, pooling commutes with a positive per-channel scale); multiplying conv l+1's input
+channel c by s_l[c] undoes it, so the network computes the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .archs import Reduce
+
+F64 = npt.NDArray[np.float64]
+
+#: Filters whose mean activation is at or below this are dead on the data and keep scale 1.
+DEAD_THRESHOLD = 1e-8
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Per-filter divisors for each conv layer, in network order, and which filters were dead."""
+
+    layers: tuple[str, ...]
+    values: Mapping[str, F64]
+    dead: Mapping[str, npt.NDArray[np.int64]]
+
+    @property
+    def n_dead(self) -> int:
+        return int(sum(len(d) for d in self.dead.values()))
+
+
+def compute_scales(
+    means: Mapping[str, npt.ArrayLike],
+    layers: Sequence[str],
+    dead_threshold: float = DEAD_THRESHOLD,
+) -> Scales:
+    """Scales from per-filter means: the mean itself, or 1 for a dead filter.
+
+    Args:
+        means: per-layer mean activation of each filter (non-negative, finite).
+        layers: conv layer names in network order; every one must be in ``means``.
+        dead_threshold: means at or below this keep scale 1 and are reported as dead.
+
+    Returns:
+        Scales, float64, all finite and strictly positive.
+
+    Raises:
+        ValueError: a layer is missing, or a mean is negative, NaN or infinite.
+
+    Example:
+        >>> s = compute_scales({"c1": [2.0, 0.0]}, ["c1"])
+        >>> s.values["c1"].tolist(), s.dead["c1"].tolist()
+        ([2.0, 1.0], [1])
+    """
+    values: dict[str, F64] = {}
+    dead: dict[str, npt.NDArray[np.int64]] = {}
+    for name in layers:
+        if name not in means:
+            raise ValueError(f"no statistics for conv layer {name!r}")
+        m = np.asarray(means[name], dtype=np.float64)
+        if m.ndim != 1:
+            raise ValueError(f"means of {name!r} must be 1-D, got shape {m.shape}")
+        if not np.all(np.isfinite(m)) or np.any(m < 0):
+            raise ValueError(f"means of {name!r} hold negative, NaN or infinite values")
+        is_dead = m <= dead_threshold
+        values[name] = np.where(is_dead, 1.0, m)
+        dead[name] = np.flatnonzero(is_dead).astype(np.int64)
+    return Scales(tuple(layers), values, dead)
+
+
+def _checked(weights: Mapping[str, np.ndarray], key: str, ndim: int) -> np.ndarray:
+    if key not in weights:
+        raise ValueError(f"weights have no {key!r}")
+    w = weights[key]
+    if w.ndim != ndim:
+        raise ValueError(f"{key} must be {ndim}-D, got shape {w.shape}")
+    return w
+
+
+def rescale(
+    weights: Mapping[str, np.ndarray],
+    scales: Scales,
+    head_dense: str | None = None,
+    head_reduce: Reduce | None = None,
+    *,
+    inverse: bool = False,
+) -> dict[str, np.ndarray]:
+    """Divide each conv's filters by their scale and compensate the next consumer.
+
+    Args:
+        weights: ``"<layer>/kernel"`` and ``"<layer>/bias"`` arrays; not modified.
+        scales: from :func:`compute_scales`; ``scales.layers`` is the conv chain in order.
+        head_dense: the first Dense after the last conv, whose input rows are compensated.
+        head_reduce: how the head reads the last conv map: ``"flatten"`` (channels-last flatten
+            order, row ``p*C + c`` gets scale ``c``) or ``"gap"``/``"gmp"`` (row ``c``).
+        inverse: undo a previous rescale with the same scales.
+
+    Returns:
+        A new dict with the same keys; changed arrays are new, computed in float64 and cast back
+        to each array's dtype; untouched arrays are the caller's objects.
+
+    Example:
+        >>> w = {"c/kernel": np.ones((1, 1, 1, 2)), "c/bias": np.zeros(2)}
+        >>> s = compute_scales({"c": [2.0, 4.0]}, ["c"])
+        >>> rescale(w, s)["c/kernel"].ravel().tolist()
+        [0.5, 0.25]
+    """
+    if (head_dense is None) != (head_reduce is None):
+        raise ValueError("head_dense and head_reduce go together")
+    out = dict(weights)
+    power = -1.0 if inverse else 1.0
+    prev: F64 | None = None
+    for name in scales.layers:
+        s = scales.values[name] ** power
+        kernel = _checked(weights, f"{name}/kernel", 4)
+        if kernel.shape[3] != s.shape[0]:
+            raise ValueError(f"{name}: {kernel.shape[3]} filters but {s.shape[0]} scales")
+        k = kernel.astype(np.float64)
+        if prev is not None:
+            if kernel.shape[2] != prev.shape[0]:
+                raise ValueError(
+                    f"{name}: {kernel.shape[2]} input channels but the previous conv has "
+                    f"{prev.shape[0]} filters; the convs are not a chain"
+                )
+            k = k * prev[None, None, :, None]
+        out[f"{name}/kernel"] = (k / s[None, None, None, :]).astype(kernel.dtype)
+        if f"{name}/bias" in weights:
+            bias = _checked(weights, f"{name}/bias", 1)
+            out[f"{name}/bias"] = (bias.astype(np.float64) / s).astype(bias.dtype)
+        prev = s
+    if head_dense is not None and prev is not None:
+        kernel = _checked(weights, f"{head_dense}/kernel", 2)
+        rows, channels = kernel.shape[0], prev.shape[0]
+        if rows % channels:
+            raise ValueError(
+                f"{head_dense}: {rows} input rows is not a multiple of the last conv's "
+                f"{channels} filters"
+            )
+        if head_reduce != "flatten" and rows != channels:
+            raise ValueError(
+                f"{head_dense}: {rows} input rows after global pooling, expected {channels}"
+            )
+        # channels-last Flatten: row (i*W + j)*C + c reads channel c.
+        row_scale = np.tile(prev, rows // channels)
+        out[f"{head_dense}/kernel"] = (kernel.astype(np.float64) * row_scale[:, None]).astype(
+            kernel.dtype
+        )
+    return out

@@ -1,0 +1,108 @@
+"""Streaming per-filter activation statistics. Pure numpy: no framework, no files.
+
+A layer's statistics are the float64 sum and sum of squares of every post-ReLU activation of each
+filter, and the exact number of values that went into them (images x positions). Means come from
+sums, never from averaging per-batch means, so batches of any size (the last partial one too) and
+images of any size weigh by their positions. Two disjoint runs merge exactly by adding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Sums over every activation of one conv layer's filters (channels last)."""
+
+    name: str
+    sum: F64
+    sumsq: F64
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.sum.shape != self.sumsq.shape or self.sum.ndim != 1:
+            raise ValueError(f"{self.name}: sum and sumsq must be 1-D of equal length")
+        if self.count < 0:
+            raise ValueError(f"{self.name}: count must be >= 0, got {self.count}")
+
+    @property
+    def channels(self) -> int:
+        return int(self.sum.shape[0])
+
+    @classmethod
+    def empty(cls, name: str, channels: int) -> LayerStats:
+        return cls(name, np.zeros(channels), np.zeros(channels), 0)
+
+    @classmethod
+    def of(cls, name: str, activations: npt.ArrayLike) -> LayerStats:
+        """Statistics of an activation array shaped (..., channels), reduced in float64."""
+        a = np.asarray(activations, dtype=np.float64)
+        flat = a.reshape(-1, a.shape[-1])
+        return cls(name, flat.sum(axis=0), np.square(flat).sum(axis=0), int(flat.shape[0]))
+
+    def add(self, batch_sum: npt.ArrayLike, batch_sumsq: npt.ArrayLike, count: int) -> LayerStats:
+        """A new LayerStats with one batch's partial sums added in float64."""
+        return LayerStats(
+            self.name,
+            self.sum + np.asarray(batch_sum, dtype=np.float64),
+            self.sumsq + np.asarray(batch_sumsq, dtype=np.float64),
+            self.count + int(count),
+        )
+
+    def merge(self, other: LayerStats) -> LayerStats:
+        if other.name != self.name or other.channels != self.channels:
+            raise ValueError(
+                f"cannot merge layer {other.name} ({other.channels} filters) into "
+                f"{self.name} ({self.channels} filters)"
+            )
+        return self.add(other.sum, other.sumsq, other.count)
+
+    @property
+    def mean(self) -> F64:
+        if self.count == 0:
+            raise ValueError(f"{self.name}: no activation counted yet")
+        return self.sum / self.count
+
+    @property
+    def variance(self) -> F64:
+        """Population variance; clipped at 0 where cancellation makes it slightly negative."""
+        m = self.mean
+        return np.maximum(self.sumsq / self.count - m * m, 0.0)
+
+
+def empty_stats(layers: Iterable[tuple[str, int]]) -> tuple[LayerStats, ...]:
+    return tuple(LayerStats.empty(name, channels) for name, channels in layers)
+
+
+def accumulate(
+    stats: Sequence[LayerStats],
+    batch: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]],
+    counts: Mapping[str, int],
+) -> tuple[LayerStats, ...]:
+    """Add one batch's per-layer (sum, sumsq) and value counts; returns new stats."""
+    return tuple(s.add(batch[s.name][0], batch[s.name][1], counts[s.name]) for s in stats)
+
+
+def merge_stats(*runs: Sequence[LayerStats]) -> tuple[LayerStats, ...]:
+    """Exact merge of runs over disjoint image sets, layer by layer."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    first = runs[0]
+    for run in runs[1:]:
+        if [s.name for s in run] != [s.name for s in first]:
+            raise ValueError("runs cover different layers")
+    merged = list(first)
+    for run in runs[1:]:
+        merged = [a.merge(b) for a, b in zip(merged, run)]
+    return tuple(merged)
+
+
+def means(stats: Sequence[LayerStats]) -> dict[str, F64]:
+    return {s.name: s.mean for s in stats}

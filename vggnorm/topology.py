@@ -1,0 +1,149 @@
+"""Which architecture a weight file holds, and how its layers map onto it. No framework, no I/O.
+
+Weights-only files say little: layer names and shapes. A stock VGG16/VGG19 is recognised by its
+sequence of conv kernel shapes (13 or 16 convs of the published widths); the file's own layer
+names are then bound to the table in :mod:`vggnorm.archs` by position, so ``conv2d_7`` in a
+``.weights.h5`` works as well as ``block3_conv2``. Files with a model config (``.keras``, whole-model
+``.h5``) are described from that config by :mod:`vggnorm.keras_config`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .archs import ARCHS, Arch, ConvSpec, DenseSpec, HeadSpec, PoolSpec
+from .errors import ArchitectureError
+from .weights_io import LayerEntry, WeightFile
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An architecture whose layer names are the weight file's own names."""
+
+    arch: Arch
+    source: str  # how it was determined, for messages and provenance
+
+    @property
+    def conv_names(self) -> tuple[str, ...]:
+        return self.arch.conv_names
+
+
+def _convs(layers: Sequence[LayerEntry]) -> list[LayerEntry]:
+    return [e for e in layers if e.shapes and len(e.shapes[0]) == 4]
+
+
+def _denses(layers: Sequence[LayerEntry]) -> list[LayerEntry]:
+    return [e for e in layers if e.shapes and len(e.shapes[0]) == 2]
+
+
+def detect_stock(wf: WeightFile) -> str | None:
+    """``"vgg16"``/``"vgg19"`` when the conv kernels match that table exactly, else None."""
+    shapes = [e.shapes[0] for e in _convs(wf.layers)]
+    for name, arch in ARCHS.items():
+        expected = []
+        c_in = 3
+        for conv in arch.convs:
+            expected.append((*conv.kernel_size, c_in, conv.filters))
+            c_in = conv.filters
+        if shapes == expected:
+            return name
+    return None
+
+
+def _bind_stock(wf: WeightFile, stock: Arch) -> Bound:
+    convs = _convs(wf.layers)
+    names = {c.name: e.name for c, e in zip(stock.convs, convs)}
+    features = tuple(
+        replace(layer, name=names[layer.name]) if isinstance(layer, ConvSpec) else layer
+        for layer in stock.features
+    )
+    head = None
+    denses = _denses(wf.layers)
+    if denses:
+        last = stock.convs[-1].filters
+        rows = denses[0].shapes[0][0]
+        if rows == last:
+            reduce = "gap"
+            size = None
+        elif rows % last == 0 and _is_square(rows // last):
+            reduce = "flatten"
+            side = int(round((rows // last) ** 0.5))
+            size = side * 2 ** sum(isinstance(f, PoolSpec) for f in stock.features)
+        else:
+            raise ArchitectureError(
+                f"{wf.path}: dense layer {denses[0].name!r} reads {rows} values, which is neither "
+                f"{last} (global pooling) nor a square map of {last} channels (Flatten)"
+            )
+        # Activations of a weights-only head are unknown except for the stock top.
+        stock_top = [d.name for d in stock.head.dense] if stock.head else []
+        is_stock_top = len(denses) == len(stock_top) and reduce == "flatten"
+        dense = tuple(
+            DenseSpec(
+                e.name,
+                e.shapes[0][1],
+                stock.head.dense[i].activation if (is_stock_top and stock.head) else "unknown",
+                len(e.shapes) > 1,
+            )
+            for i, e in enumerate(denses)
+        )
+        head = HeadSpec(reduce, dense, size)  # type: ignore[arg-type]
+    return Bound(Arch(stock.name, features, head), f"{stock.name} (recognised from conv shapes)")
+
+
+def _is_square(n: int) -> bool:
+    r = int(round(n**0.5))
+    return r * r == n
+
+
+def bind(wf: WeightFile, model: str | None = None) -> Bound:
+    """The architecture of ``wf`` with the file's layer names.
+
+    Args:
+        wf: the weight file's description.
+        model: ``"vgg16"``/``"vgg19"`` when the user named one; must agree with the file.
+
+    Raises:
+        ArchitectureError: the file is not a VGG this tool can normalize, or disagrees with
+            ``model``.
+    """
+    if wf.config is not None:
+        from .keras_config import arch_from_config
+
+        bound = Bound(arch_from_config(wf.config, wf), "model config")
+        if model is not None and bound.arch.name != model and detect_stock(wf) not in (None, model):
+            raise ArchitectureError(f"{wf.path} holds a {detect_stock(wf)}, not a {model}")
+        return bound
+    stock = detect_stock(wf)
+    if stock is None:
+        convs = _convs(wf.layers)
+        raise ArchitectureError(
+            f"{wf.path}: {len(convs)} conv layers with shapes that match neither VGG16 nor VGG19; "
+            "a weights-only file of another VGG-like model carries no architecture: save the "
+            "whole model (.keras or model.save('x.h5')) so vggnorm can read its config"
+        )
+    if model is not None and model != stock:
+        raise ArchitectureError(
+            f"{wf.path} holds {len(_convs(wf.layers))} conv layers, a {stock}, but --model is {model}"
+        )
+    return _bind_stock(wf, ARCHS[stock])
+
+
+def fingerprint(arrays: Mapping[str, np.ndarray], conv_names: Sequence[str]) -> str:
+    """sha256 over the conv kernels and biases in network order, as little-endian float32.
+
+    Independent of file layout, layer names and storage dtype, so stats gathered from one copy of
+    a model match any other copy of the same weights.
+    """
+    h = hashlib.sha256()
+    for name in conv_names:
+        for part in ("kernel", "bias"):
+            key = f"{name}/{part}"
+            if key in arrays:
+                a = np.ascontiguousarray(arrays[key], dtype="<f4")
+                h.update(f"{part}{a.shape}".encode())
+                h.update(a.tobytes())
+    return h.hexdigest()
