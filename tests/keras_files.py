@@ -105,9 +105,7 @@ def save_downloaded_layout(model, path):
         return f"{layer.name}_{short}_1:0"
 
     with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = np.asarray(
-            [layer.name.encode("utf8") for layer in model.layers]
-        )
+        f.attrs["layer_names"] = np.asarray([layer.name.encode("utf8") for layer in model.layers])
         _write_layer_groups(f, model, name_fn)
     return path
 
@@ -134,9 +132,7 @@ def save_keras2_layout(model, path, top_level_group=True):
         return "/".join(parts[-2:]) + ":0"
 
     with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = np.asarray(
-            [layer.name.encode("utf8") for layer in model.layers]
-        )
+        f.attrs["layer_names"] = np.asarray([layer.name.encode("utf8") for layer in model.layers])
         f.attrs["backend"] = b"tensorflow"
         f.attrs["keras_version"] = b"2.15.0"
         _write_layer_groups(f, model, name_fn)
@@ -202,9 +198,7 @@ def save_full_model_h5(model, path, with_optimizer=False):
         # loss="mse" would make keras.models.load_model fail on this file in
         # Keras 3.15.1 ("Could not deserialize 'keras.metrics.mse'"); the long
         # name round-trips.
-        copy.compile(
-            optimizer=keras.optimizers.Adam(1e-4), loss="mean_squared_error"
-        )
+        copy.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mean_squared_error")
         rng = np.random.default_rng(0)
         x = rng.uniform(0, 1, (2, *model.input_shape[1:])).astype(np.float32)
         y = rng.uniform(0, 1, (2, *model.output_shape[1:])).astype(np.float32)
@@ -261,8 +255,7 @@ def chunked_layer_names(path, num_chunks=2):
         if "layer_names" not in group.attrs:
             raise ValueError(f"{path}: no layer_names attribute in {group.name}")
         data = [
-            n if isinstance(n, bytes) else str(n).encode("utf8")
-            for n in group.attrs["layer_names"]
+            n if isinstance(n, bytes) else str(n).encode("utf8") for n in group.attrs["layer_names"]
         ]
         data_npy = np.asarray(data)
         n = num_chunks
@@ -272,7 +265,7 @@ def chunked_layer_names(path, num_chunks=2):
             chunks = np.array_split(data_npy, n)
         del group.attrs["layer_names"]
         for chunk_id, chunk in enumerate(chunks):
-            group.attrs["%s%d" % ("layer_names", chunk_id)] = chunk
+            group.attrs[f"layer_names{chunk_id}"] = chunk  # Keras: "%s%d" % (name, id)
     return path
 
 

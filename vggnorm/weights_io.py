@@ -294,10 +294,10 @@ def _natural_key(s: str) -> list[Any]:
 
 
 def _read_keras3(f: Any) -> tuple[LayerEntry, ...]:
-    """Leaves of ``layers/...`` that hold ``vars``, named by their store key (e.g. ``conv2d_3``).
+    """Leaves of ``layers/...`` that hold ``vars``, named by the layer name Keras records there.
 
-    Keys are class name plus a per-class counter in model order, so a natural sort of each
-    nesting level restores the order within a class.
+    Store keys are class name plus a per-class counter in model order (``conv2d``, ``conv2d_1``),
+    so a natural sort of each nesting level restores the order within a class.
     """
     entries: list[LayerEntry] = []
 
@@ -306,9 +306,9 @@ def _read_keras3(f: Any) -> tuple[LayerEntry, ...]:
             vars_group = _get(group, "vars")
             idx = sorted(vars_group, key=int)
             if idx:
-                entries.append(
-                    _entry(f, path.rsplit("/", 1)[-1], [f"{path}/vars/{i}" for i in idx])
-                )
+                # Keras 3 records the layer's own name on the vars group; older files may not.
+                name = _decode(vars_group.attrs.get("name", path.rsplit("/", 1)[-1]))
+                entries.append(_entry(f, name, [f"{path}/vars/{i}" for i in idx]))
         if "layers" in group:
             layers = _get(group, "layers")
             for key in sorted(layers, key=_natural_key):

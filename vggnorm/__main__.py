@@ -1,0 +1,3 @@
+from vggnorm.cli import entrypoint
+
+entrypoint()

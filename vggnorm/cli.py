@@ -1,0 +1,423 @@
+"""The ``vggnorm`` command: a thin shell over the library.
+
+Exit codes: 0 success, 1 error (bad input, I/O), 2 usage, 3 verification failed, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import Interrupted, VggnormError
+from .statsfile import DEFAULT_STATS
+
+LAST_APPLY = Path(".vggnorm") / "last-apply.json"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(t) for t in text.split("/"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from e
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = lambda prog: argparse.HelpFormatter(prog, max_help_position=34)  # noqa: E731
+    parser = argparse.ArgumentParser(
+        prog="vggnorm",
+        description="Rescale Keras VGG16/VGG19 weights so that every conv filter's mean activation "
+        "over an image dataset is 1, without changing what the network computes.",
+        epilog="typical use, in one directory: vggnorm stats --data coco/; "
+        "vggnorm apply --in vgg16.h5 --out vgg16_norm.h5; vggnorm verify",
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"vggnorm {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="show tracebacks and debug logs"
+    )
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # stats ------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "stats", parents=[common], formatter_class=fmt,
+        help="gather per-filter activation statistics over an image dataset",
+        description="Stream images through the VGG conv layers and record, per filter, the exact "
+        "float64 sum and sum of squares of its post-ReLU activations.",
+    )  # fmt: skip
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="PATH", required=True,
+                   help="COCO root (with annotations/instances_*.json), ImageNet-style class "
+                   "folders, any image folder (recursive) or a text file listing image paths")  # fmt: skip
+    g.add_argument(
+        "--annotations",
+        metavar="FILE",
+        help="COCO instances_*.json (default: found under PATH/annotations)",
+    )
+    g.add_argument("--split", metavar="NAME", help="COCO split when several exist, e.g. val2017")
+    g.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="use only the first N images of the deterministic order (default: all)",
+    )
+    g.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="process shard I of N (disjoint; merge the files later); default 0/1",
+    )
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on the first unusable image instead of skipping it",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model", choices=["vgg16", "vgg19"], help="default: detected from --weights, else vgg16"
+    )
+    g.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="Keras weight file (.h5, .weights.h5, .keras); default: Keras's ImageNet weights, downloaded and cached like keras.applications",
+    )
+    g = p.add_argument_group("images")
+    g.add_argument(
+        "--size",
+        type=_positive_int,
+        default=224,
+        metavar="N",
+        help="square input size in pixels (default 224; at least 32)",
+    )
+    g.add_argument(
+        "--resize",
+        choices=["crop", "stretch"],
+        default="crop",
+        help="crop: shorter side to N then centre crop (default); stretch: whole image to NxN",
+    )
+    g.add_argument(
+        "--preprocess",
+        choices=["caffe", "unit", "torch"],
+        default="caffe",
+        help="caffe (default; what keras.applications VGG expects): RGB->BGR minus ImageNet mean; unit: /255; torch: /255 then ImageNet mean/std",
+    )
+    g.add_argument(
+        "--no-draft",
+        dest="draft",
+        action="store_false",
+        help="decode JPEGs at full resolution (default: DCT-domain downscale, never below --size)",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--out",
+        metavar="PATH",
+        default=DEFAULT_STATS,
+        help=f"stats file to write (default {DEFAULT_STATS})",
+    )
+    g.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    g.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run saved in --out"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="images per forward pass (default 16)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32 (default, exact to float rounding) or bf16 activations (faster on AMX CPUs and GPUs; ~2%% worst-filter error)",
+    )
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="image decoding threads (default 2)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="save progress to --out this often (default 300)",
+    )
+
+    # apply ------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "apply", parents=[common], formatter_class=fmt,
+        help="write a normalized copy of a weight file",
+        description="Divide each conv filter by its mean activation, compensate the next layer's "
+        "inputs, and write the result in the input's format with its provenance.",
+    )  # fmt: skip
+    p.add_argument(
+        "--in",
+        dest="src",
+        metavar="PATH",
+        required=True,
+        help="weight file to normalize (never modified)",
+    )
+    p.add_argument(
+        "--out",
+        dest="dst",
+        metavar="PATH",
+        required=True,
+        help="file to write; same suffix as --in",
+    )
+    p.add_argument(
+        "--stats",
+        metavar="PATH",
+        default=DEFAULT_STATS,
+        help=f"stats file (default {DEFAULT_STATS})",
+    )
+    p.add_argument(
+        "--model", choices=["vgg16", "vgg19"], help="only needed if the file cannot tell"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--json", action="store_true", help="print the provenance as JSON")
+
+    # verify -----------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "verify", parents=[common], formatter_class=fmt,
+        help="prove the normalized file computes the same function and has unit means",
+        description="Compare every conv activation of the normalized and original networks on a "
+        "few stats images, then re-measure the normalized means over the stats images. "
+        f"Exit code {EXIT_VERIFY} when a check fails.",
+    )  # fmt: skip
+    p.add_argument(
+        "--in",
+        dest="normalized",
+        metavar="PATH",
+        help=f"normalized file (default: what the last apply here wrote, from {LAST_APPLY})",
+    )
+    p.add_argument("--original", metavar="PATH", help="its source (default: from its provenance)")
+    p.add_argument("--stats", metavar="PATH", help="stats file (default: from its provenance)")
+    p.add_argument("--data", metavar="PATH", help="dataset location, if it moved since stats")
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="re-measure means on the first N stats images only (then means are reported, not judged)",
+    )
+    p.add_argument(
+        "--check-images",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="images for the activation-by-activation comparison (default 8)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="images per forward pass (default 16)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+@dataclass(frozen=True)
+class _Bar:
+    """A tqdm bar on a terminal, nothing otherwise."""
+
+    bar: Any
+
+    def __call__(self, p: Any) -> None:
+        if self.bar is not None:
+            self.bar.total = p.total
+            self.bar.n = p.done
+            self.bar.set_postfix(images=p.images, skipped=p.skipped, refresh=False)
+            self.bar.refresh()
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool, desc: str) -> Iterator[_Bar]:
+    if quiet or not sys.stderr.isatty():
+        yield _Bar(None)
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
+    try:
+        yield _Bar(bar)
+    finally:
+        bar.close()
+
+
+def _say(args: argparse.Namespace, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .collect import collect_stats
+    from .data import Decode, open_dataset
+    from .statsfile import summary_lines
+
+    out = Path(args.out)
+    if out.exists() and not (args.force or args.resume):
+        raise VggnormError(
+            f"{out} already exists; pass --force to overwrite or --resume to continue it"
+        )
+    ds = open_dataset(args.data, annotations=args.annotations, split=args.split)
+    _say(args, f"found {ds.describe()}")
+    for note in ds.notes:
+        _say(args, f"warning: {note}")
+    with _progress(args.quiet, "stats") as bar:
+        record = collect_stats(
+            args.weights, ds, model=args.model,
+            decode=Decode(args.size, args.resize, "bilinear", args.draft),
+            preprocess=args.preprocess, precision=args.precision, batch_size=args.batch_size,
+            limit=args.limit, shard=args.shard, workers=args.workers, out=out,
+            checkpoint_seconds=args.checkpoint_every, resume=args.resume, strict=args.strict,
+            progress=bar,
+        )  # fmt: skip
+    skips = record.skip_counts()
+    skipped = ", ".join(f"{n} {r}" for r, n in sorted(skips.items())) or "none"
+    _say(args, f"{record.meta.model}: {record.n_images} images counted, skipped: {skipped}")
+    if not args.quiet:
+        print("\n".join(summary_lines(record)))
+    _say(args, f"wrote {out}")
+    return EXIT_OK
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .normalize import normalize
+
+    result = normalize(args.src, args.dst, args.stats, model=args.model, force=args.force)
+    record = {
+        "normalized": str(Path(args.dst).resolve()),
+        "original": str(Path(args.src).resolve()),
+        "stats": str(Path(args.stats).resolve()),
+    }
+    with contextlib.suppress(OSError):  # the record is a convenience for `verify`, not the output
+        LAST_APPLY.parent.mkdir(exist_ok=True)
+        LAST_APPLY.write_text(json.dumps(record, indent=2) + "\n", encoding="utf8")
+    if args.json:
+        print(json.dumps(result.provenance, indent=2))
+    dead = result.scales.n_dead
+    _say(
+        args,
+        f"normalized {len(result.scales.layers)} conv layers of {result.bound.arch.name}"
+        + (
+            f", compensated {result.provenance['head_dense']}"
+            if result.provenance["head_dense"]
+            else ""
+        )
+        + f"; {dead} dead filter(s) kept scale 1",
+    )
+    for name, idx in result.scales.dead.items():
+        if len(idx):
+            _say(args, f"  dead in {name}: {idx.tolist()[:20]}{' ...' if len(idx) > 20 else ''}")
+    for group in result.dropped:
+        _say(args, f"dropped {group}: optimizer state belongs to the old weights")
+    _say(args, f"wrote {args.dst}")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    normalized = args.normalized
+    if normalized is None:
+        if not LAST_APPLY.is_file():
+            raise VggnormError(f"nothing to verify: no {LAST_APPLY} here; pass --in PATH")
+        normalized = json.loads(LAST_APPLY.read_text(encoding="utf8"))["normalized"]
+    with _progress(args.quiet, "verify") as bar:
+        report = verify(
+            normalized, args.original, args.stats, data=args.data, limit=args.limit,
+            check_images=args.check_images, batch_size=args.batch_size, progress=bar,
+        )  # fmt: skip
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.table())
+        if report.predictions:
+            p = report.predictions
+            print(
+                f"predictions on {int(p['images'])} images: max abs err {p['max_abs_err']:.3g}, "
+                f"max rel err {p['max_rel_err']:.3g}, top-1 agreement {p['top1_agreement']:.1%}"
+            )
+        for note in report.notes:
+            print(f"note: {note}")
+        means = {True: "ok", False: "FAILED", None: "not judged"}[report.means_ok]
+        print(
+            f"same function ({report.function_images} images, tol {report.function_tol:g}): "
+            f"{'ok' if report.function_ok else 'FAILED'}; means = 1 ({report.means_images} of "
+            f"{report.stats_images} stats images, tol {report.means_tol:g}): {means}"
+        )
+    return EXIT_OK if report.ok else EXIT_VERIFY
+
+
+_COMMANDS = {"stats": _cmd_stats, "apply": _cmd_apply, "verify": _cmd_verify}
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # handled like Ctrl-C: save progress, then exit
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``argv``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
+        format="%(levelname)s %(message)s",
+    )
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return _COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(f"INTERRUPTED {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("INTERRUPTED", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except VggnormError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"ERROR {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except ImportError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"ERROR {e}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def entrypoint() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main(sys.argv[1:]))
