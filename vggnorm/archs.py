@@ -84,7 +84,7 @@ class Arch:
     def min_size(self) -> int:
         """Smallest square input for which every pooling still has an input of at least 1x1."""
         n_pools = sum(1 for layer in self.features if isinstance(layer, PoolSpec))
-        return 2**n_pools
+        return int(2**n_pools)
 
 
 def _vgg_features(blocks: tuple[tuple[int, int], ...]) -> tuple[FeatureLayer, ...]:

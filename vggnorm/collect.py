@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
-from .data import Dataset, Decode, iter_batches, items_sha256, open_dataset, select
+from .data import Dataset, Decode, items_sha256, iter_batches, open_dataset, select
 from .errors import DatasetError, Interrupted, StatsError, VggnormError
 from .model import Precision, Preprocess
 from .stats import accumulate, empty_stats
@@ -66,7 +66,7 @@ def collect_stats(
     model: str | None = None,
     annotations: str | os.PathLike[str] | None = None,
     split: str | None = None,
-    decode: Decode = Decode(),
+    decode: Decode | None = None,
     preprocess: Preprocess = "caffe",
     precision: Precision = "fp32",
     batch_size: int = 16,
@@ -85,7 +85,7 @@ def collect_stats(
         weights: a Keras weight file (any supported layout); None for Keras's ImageNet weights.
         data: dataset path (COCO, ImageNet tree, folder, list file) or an opened Dataset.
         model: ``"vgg16"``/``"vgg19"``; checked against the file, needed only when it cannot tell.
-        decode: image size, resize policy and JPEG draft decoding.
+        decode: image size, resize policy and JPEG draft decoding (default: 224, crop).
         preprocess: ``caffe`` (keras.applications VGG), ``unit`` or ``torch``.
         precision: ``fp32`` or ``bf16`` (activations in bfloat16, reductions in float32).
         batch_size: images per forward pass; the last batch may be smaller and counts fully.
@@ -106,6 +106,7 @@ def collect_stats(
     """
     from .model import FeatureNet, backend_description
 
+    decode = decode or Decode()
     ws, bound = load_model_weights(weights, model)
     arch = bound.arch
     if decode.size < arch.min_size():
@@ -163,7 +164,7 @@ def collect_stats(
     try:
         for batch in iter_batches(ds, items, decode, batch_size, start=position, workers=workers):
             if strict and batch.skipped:
-                item, reason, detail = batch.skipped[0]
+                _, reason, detail = batch.skipped[0]
                 raise DatasetError(f"{reason}: {detail} (--strict turns skips into errors)")
             if len(batch.items):
                 sums = net.moments(batch.images)

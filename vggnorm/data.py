@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -165,11 +165,12 @@ def _open_coco(path: Path, ann: Path, split: str | None) -> Dataset:
             f"COCO images for split {split!r} not found: expected the folder {root} "
             "(the one named in the annotation file's name)"
         )
-    items, refused = [], []
+    items: list[str] = []
+    refused: list[str] = []
     for name in _load_coco_file_names(ann):
         rel = _safe_relative(root, name)
         (items if rel is not None else refused).append(rel or name)
-    notes = ()
+    notes: tuple[str, ...] = ()
     if refused:
         notes = (f"refused {len(refused)} file_name(s) escaping {root}: {refused[:3]}",)
     return Dataset("coco", root, _ordered(items), path, ann, notes)
@@ -177,7 +178,8 @@ def _open_coco(path: Path, ann: Path, split: str | None) -> Dataset:
 
 def _open_list(path: Path) -> Dataset:
     root = path.parent
-    items, refused = [], []
+    items: list[str] = []
+    refused: list[str] = []
     for line in path.read_text(encoding="utf8").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -270,10 +272,9 @@ class Decode:
         }
 
 
-def _to_rgb(img: object) -> object:
+def _to_rgb(img: Any) -> Any:
     from PIL import Image
 
-    assert isinstance(img, Image.Image)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit greyscale: keep the top 8 bits instead of clipping everything above 255.
         a = np.asarray(img, dtype=np.uint32)
@@ -304,12 +305,11 @@ def load_image(path: Path, decode: Decode) -> npt.NDArray[np.uint8]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if decode.draft and img.format == "JPEG":
-                    img.draft("RGB", (decode.size, decode.size))
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                img = _to_rgb(img)
+            with Image.open(path) as raw:
+                if decode.draft and raw.format == "JPEG":
+                    raw.draft("RGB", (decode.size, decode.size))
+                raw.load()
+                img = _to_rgb(ImageOps.exif_transpose(raw))
     except FileNotFoundError as e:
         raise ImageSkip("missing", str(path)) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -113,10 +113,10 @@ def bind(wf: WeightFile, model: str | None = None) -> Bound:
     if wf.config is not None:
         from .keras_config import arch_from_config
 
-        bound = Bound(arch_from_config(wf.config, wf), "model config")
-        if model is not None and bound.arch.name != model and detect_stock(wf) not in (None, model):
-            raise ArchitectureError(f"{wf.path} holds a {detect_stock(wf)}, not a {model}")
-        return bound
+        stock = detect_stock(wf)
+        if model is not None and stock not in (None, model):
+            raise ArchitectureError(f"{wf.path} holds a {stock}, but --model is {model}")
+        return Bound(arch_from_config(wf.config, wf), "model config")
     stock = detect_stock(wf)
     if stock is None:
         convs = _convs(wf.layers)

@@ -33,6 +33,7 @@ import numpy as np
 from .collect import Progress
 from .data import Dataset, Decode, iter_batches, open_dataset
 from .errors import StatsError, VerificationError
+from .model import Preprocess
 from .normalize import check_fingerprint, scales_for
 from .rescale import DEAD_THRESHOLD
 from .stats import accumulate, empty_stats
@@ -104,7 +105,10 @@ class VerifyReport:
         )
         rows = [head, "-" * len(head)]
         for c in self.layers:
-            verdict = "ok" if c.function_ok and c.means_ok is not False else "FAIL"
+            if not c.function_ok or c.means_ok is False:
+                verdict = "FAIL"
+            else:
+                verdict = "ok" if c.means_ok else "function ok"
             rows.append(
                 f"{c.name:<16}{c.filters:>8}{c.dead:>6}{c.function_rel_err:>14.2e}"
                 f"{c.mean_min:>11.6f}{c.mean_median:>11.6f}{c.mean_max:>11.6f}"
@@ -169,21 +173,22 @@ def verify(
         dead_threshold = float(prov.get("dead_threshold", DEAD_THRESHOLD))
     scales = scales_for(record, bound, dead_threshold)
     meta = record.meta
+    preprocess: Preprocess = meta.preprocess  # type: ignore[assignment]
     decode = Decode(meta.size, meta.resize, meta.interpolation, meta.draft)  # type: ignore[arg-type]
     root = _dataset_for(meta.dataset_root, data)
     ds = Dataset(meta.dataset_kind, root, record.images, root)  # type: ignore[arg-type]
     items = record.images[:limit] if limit is not None else record.images
-    notes = []
+    notes: list[str] = []
 
     # 1. Same function, layer by layer, on a few images.
     arch = bound.arch.without_head()
-    a_net = FeatureNet(arch, orig.arrays, meta.size, meta.preprocess, outputs="activations")  # type: ignore[arg-type]
+    a_net = FeatureNet(arch, orig.arrays, meta.size, preprocess, outputs="activations")
     b_net = FeatureNet(
         bound_norm.arch.without_head(),
         norm.arrays,
         meta.size,
-        meta.preprocess,
-        outputs="activations",  # type: ignore[arg-type]
+        preprocess,
+        outputs="activations",
     )
     worst = {c.name: 0.0 for c in arch.convs}
     n_func = 0
@@ -202,13 +207,11 @@ def verify(
         raise VerificationError("no stats image could be decoded for the function check")
 
     predictions = _check_head(
-        bound, bound_norm, orig.arrays, norm.arrays, ds, first, decode, meta.preprocess, notes
+        bound, bound_norm, orig.arrays, norm.arrays, ds, first, decode, preprocess, notes
     )
 
     # 2. Re-measure the normalized network's means over the stats images.
-    net = FeatureNet(
-        bound_norm.arch.without_head(), norm.arrays, meta.size, meta.preprocess, "fp32"
-    )  # type: ignore[arg-type]
+    net = FeatureNet(bound_norm.arch.without_head(), norm.arrays, meta.size, preprocess, "fp32")
     layers = empty_stats((c.name, c.filters) for c in bound_norm.arch.convs)
     seen = 0
     for batch in iter_batches(ds, items, decode, batch_size, workers=workers):
@@ -217,9 +220,11 @@ def verify(
                 f"{len(batch.skipped)} stats image(s) could not be decoded now: {batch.skipped[0][0]}"
             )
         if batch.items:
-            m = net.moments(batch.images)
+            sums = net.moments(batch.images)
             layers = accumulate(
-                layers, {k: (v[0], v[1]) for k, v in m.items()}, {k: v[2] for k, v in m.items()}
+                layers,
+                {k: (v[0], v[1]) for k, v in sums.items()},
+                {k: v[2] for k, v in sums.items()},
             )
             seen += len(batch.items)
         if progress:
@@ -270,7 +275,7 @@ def verify(
 
 def _check_head(
     bound: Any, bound_norm: Any, a_arrays: Any, b_arrays: Any, ds: Dataset, items: Any,
-    decode: Decode, preprocess: str, notes: list[str],
+    decode: Decode, preprocess: Preprocess, notes: list[str],
 ) -> dict[str, float] | None:  # fmt: skip
     """Compare the classifier outputs of both networks, when the head is fully known."""
     from .model import FeatureNet
@@ -283,10 +288,10 @@ def _check_head(
         return None
     size = head.input_size or decode.size
     d = Decode(size, decode.resize, decode.interpolation, decode.draft)
-    a = FeatureNet(bound.arch, a_arrays, size, preprocess, outputs="activations", with_head=True)  # type: ignore[arg-type]
+    a = FeatureNet(bound.arch, a_arrays, size, preprocess, outputs="activations", with_head=True)
     b = FeatureNet(
         bound_norm.arch, b_arrays, size, preprocess, outputs="activations", with_head=True
-    )  # type: ignore[arg-type]
+    )
     max_abs, max_rel, agree, n = 0.0, 0.0, 0, 0
     for batch in iter_batches(ds, items, d, 16):
         if not batch.items:

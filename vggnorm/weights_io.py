@@ -157,7 +157,7 @@ def _attr_list(group: Any, name: str) -> list[str] | None:
     """A string-list attribute, joining Keras's chunks ``name0``, ``name1``... when present."""
     if name in group.attrs:
         return [_decode(v) for v in np.atleast_1d(group.attrs[name])]
-    chunks = []
+    chunks: list[Any] = []
     while f"{name}{len(chunks)}" in group.attrs:
         chunks.append(group.attrs[f"{name}{len(chunks)}"])
     if not chunks:
