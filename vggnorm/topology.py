@@ -66,7 +66,11 @@ def _bind_stock(wf: WeightFile, stock: Arch) -> Bound:
     if denses:
         last = stock.convs[-1].filters
         rows = denses[0].shapes[0][0]
-        if rows == last:
+        stock_names = stock.head is not None and [e.name for e in denses] == [
+            d.name for d in stock.head.dense
+        ]
+        # A 32x32 stock top flattens a 1x1 map: same rows as global pooling, but it is a Flatten.
+        if rows == last and not stock_names:
             reduce = "gap"
             size = None
         elif rows % last == 0 and _is_square(rows // last):
