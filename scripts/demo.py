@@ -27,8 +27,8 @@ IMAGENET_NOTOP = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
 def _photos(dst: Path) -> int:
-    from PIL import Image
     import skimage.data
+    from PIL import Image
 
     src = Path(skimage.data.__file__).parent
     dst.mkdir(parents=True, exist_ok=True)
