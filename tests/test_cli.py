@@ -244,3 +244,43 @@ def test_help_does_not_load_tensorflow() -> None:
                          env={**os.environ, "COLUMNS": "100"}).stdout  # fmt: skip
     assert out.strip().endswith("CLEAN")
     assert "--preprocess {caffe,unit,torch}" in out and "default 224" in out
+
+
+@pytest.mark.keras
+def test_shards_merge_to_the_unsharded_run(
+    tmp_path: Path,
+    vgg16_notop: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "imgs", [f"{i}.jpg" for i in range(7)])
+    (tmp_path / "imgs" / "empty.jpg").write_bytes(b"")
+    base = ["stats", "--data", "imgs", "--weights", str(vgg16_notop), "--size", "32"]
+    assert _run([*base, "--out", "all.h5"]) == EXIT_OK
+    for i in range(3):
+        assert _run([*base, "--shard", f"{i}/3", "--out", f"s{i}.h5"]) == EXIT_OK
+    assert _run(["merge", "s0.h5", "s1.h5", "--out", "part.h5"]) == EXIT_OK
+    assert read_stats("part.h5").meta.shard == (0, 3)  # two of three shards: not the whole set
+    assert _run(["merge", "s0.h5", "s1.h5", "s2.h5", "--out", "merged.h5"]) == EXIT_OK
+
+    a, m = read_stats("all.h5"), read_stats("merged.h5")
+    assert m.meta.shard == (0, 1) and m.meta.selection_sha256 == a.meta.selection_sha256
+    assert sorted(m.images) == sorted(a.images) and m.skip_counts() == a.skip_counts()
+    for x, y in zip(a.layers, m.layers, strict=True):
+        assert x.count == y.count
+        np.testing.assert_allclose(y.sum, x.sum, rtol=1e-12)
+        np.testing.assert_allclose(y.sumsq, x.sumsq, rtol=1e-12)
+    # The merged file is as good as the single run for apply.
+    assert (
+        _run(["apply", "--in", str(vgg16_notop), "--out", "n.h5", "--stats", "merged.h5"])
+        == EXIT_OK
+    )
+
+    capsys.readouterr()
+    assert _run(["merge", "s0.h5", "s0.h5", "--out", "twice.h5"]) == EXIT_ERROR
+    assert "both counted" in capsys.readouterr().err
+    assert _run([*base, "--shard", "1/3", "--size", "48", "--out", "other.h5"]) == EXIT_OK
+    assert _run(["merge", "s0.h5", "other.h5", "--out", "bad.h5"]) == EXIT_ERROR
+    assert "differs from s0.h5 in size" in capsys.readouterr().err
+    assert not Path("twice.h5").exists() and not Path("bad.h5").exists()

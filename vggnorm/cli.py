@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rescale Keras VGG16/VGG19 weights so that every conv filter's mean activation "
         "over an image dataset is 1, without changing what the network computes.",
         epilog="typical use, in one directory: vggnorm stats --data coco/; "
-        "vggnorm apply --in vgg16.h5 --out vgg16_norm.h5; vggnorm verify",
+        "vggnorm apply --in vgg16.h5 --out vgg16_norm.h5; vggnorm verify. "
+        "Exit codes: 0 ok, 1 error, 2 usage, 3 verification failed, 130 interrupted.",
         formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"vggnorm {__version__}")
@@ -244,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per forward pass (default 16)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    # merge ------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "merge", parents=[common], formatter_class=fmt,
+        help="combine stats files of disjoint image sets (e.g. shards) exactly",
+        description="Add the sums, sums of squares and counts of complete stats runs over "
+        "disjoint images of the same model and settings (for example the files of "
+        "`vggnorm stats --shard I/N` for every I).",
+    )  # fmt: skip
+    p.add_argument("inputs", nargs="+", metavar="STATS", help="stats files to merge (two or more)")
+    p.add_argument(
+        "--out",
+        metavar="PATH",
+        default=DEFAULT_STATS,
+        help=f"merged stats file (default {DEFAULT_STATS})",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     return parser
 
 
@@ -380,7 +398,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_VERIFY
 
 
-_COMMANDS = {"stats": _cmd_stats, "apply": _cmd_apply, "verify": _cmd_verify}
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .statsfile import merge_records, read_stats, write_stats
+
+    out = Path(args.out)
+    if any(out.exists() and Path(i).exists() and os.path.samefile(i, out) for i in args.inputs):
+        raise VggnormError(f"--out {out} is one of the inputs; write the merge to a new file")
+    if out.exists() and not args.force:
+        raise VggnormError(f"{out} already exists; pass --force to overwrite it")
+    merged = merge_records([read_stats(p) for p in args.inputs], args.inputs)
+    write_stats(out, merged)
+    shard = "" if merged.meta.shard == (0, 1) else " (the shards do not cover a whole selection)"
+    _say(args, f"merged {len(args.inputs)} files: {merged.n_images} images{shard}; wrote {out}")
+    return EXIT_OK
+
+
+_COMMANDS = {"stats": _cmd_stats, "apply": _cmd_apply, "verify": _cmd_verify, "merge": _cmd_merge}
 
 
 def _sigterm(signum: int, frame: Any) -> None:

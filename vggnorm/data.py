@@ -71,7 +71,8 @@ def items_sha256(items: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _ordered(items: list[str]) -> tuple[str, ...]:
+def ordered_items(items: Sequence[str]) -> tuple[str, ...]:
+    """Unique items in the dataset order: by a hash of the name, so prefixes spread over classes."""
     unique = set(items)
     return tuple(sorted(unique, key=lambda s: (hashlib.sha1(s.encode("utf8")).hexdigest(), s)))
 
@@ -173,7 +174,7 @@ def _open_coco(path: Path, ann: Path, split: str | None) -> Dataset:
     notes: tuple[str, ...] = ()
     if refused:
         notes = (f"refused {len(refused)} file_name(s) escaping {root}: {refused[:3]}",)
-    return Dataset("coco", root, _ordered(items), path, ann, notes)
+    return Dataset("coco", root, ordered_items(items), path, ann, notes)
 
 
 def _open_list(path: Path) -> Dataset:
@@ -191,7 +192,7 @@ def _open_list(path: Path) -> Dataset:
         rel = _safe_relative(root, line)
         (items if rel is not None else refused).append(rel or line)
     notes = (f"refused {len(refused)} path(s) escaping {root}",) if refused else ()
-    return Dataset("list", root, _ordered(items), path, None, notes)
+    return Dataset("list", root, ordered_items(items), path, None, notes)
 
 
 def open_dataset(
@@ -224,9 +225,9 @@ def open_dataset(
         else:
             class_root = _class_root(p)
             if class_root is not None:
-                ds = Dataset("imagenet", class_root, _ordered(_folder_items(class_root)), p)
+                ds = Dataset("imagenet", class_root, ordered_items(_folder_items(class_root)), p)
             else:
-                ds = Dataset("folder", p, _ordered(_folder_items(p)), p)
+                ds = Dataset("folder", p, ordered_items(_folder_items(p)), p)
     if not ds.items:
         raise DatasetError(f"{p}: no images found in this {ds.kind} dataset")
     return ds
