@@ -16,8 +16,28 @@ Reduce = Literal["flatten", "gap", "gmp"]
 
 
 @dataclass(frozen=True)
+class NormSpec:
+    """A BatchNormalization layer (inference mode: a per-channel affine map).
+
+    Between a conv and its ReLU it is rescaled with the conv; in the head it is left unchanged.
+    """
+
+    name: str
+    epsilon: float = 1e-3
+    center: bool = True
+    scale: bool = True
+
+    def weight_index(self, part: str) -> int | None:
+        """Position of ``gamma``/``beta``/``moving_mean``/``moving_variance`` in Keras's order."""
+        order = (["gamma"] if self.scale else []) + (["beta"] if self.center else [])
+        order += ["moving_mean", "moving_variance"]
+        return order.index(part) if part in order else None
+
+
+@dataclass(frozen=True)
 class ConvSpec:
-    """A Conv2D followed by ReLU (inside the layer or as the next layer)."""
+    """A Conv2D followed by ReLU (inside the layer or as the next layer), maybe with a
+    BatchNormalization between the conv and the ReLU."""
 
     name: str
     filters: int
@@ -25,6 +45,7 @@ class ConvSpec:
     strides: tuple[int, int] = (1, 1)
     padding: str = "same"
     use_bias: bool = True
+    norm: NormSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -40,13 +61,22 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class DenseSpec:
+    """A Dense layer; ``activation`` is ``"unknown"`` when a weights-only file cannot tell."""
+
     name: str
     units: int
     activation: str = "linear"
     use_bias: bool = True
 
 
+@dataclass(frozen=True)
+class ActivationSpec:
+    name: str
+    activation: str
+
+
 FeatureLayer = Union[ConvSpec, PoolSpec]
+HeadLayer = Union[DenseSpec, NormSpec, ActivationSpec]
 
 
 @dataclass(frozen=True)
@@ -54,9 +84,18 @@ class HeadSpec:
     """What follows the last conv block. Only the first Dense is touched by the rescaling."""
 
     reduce: Reduce
-    dense: tuple[DenseSpec, ...]
+    layers: tuple[HeadLayer, ...]
     # Flatten heads fix the input size: fc1 reads a (size/32)^2 x C map for stock VGG.
     input_size: int | None = None
+
+    @property
+    def dense(self) -> tuple[DenseSpec, ...]:
+        return tuple(layer for layer in self.layers if isinstance(layer, DenseSpec))
+
+    @property
+    def known(self) -> bool:
+        """Whether every layer is known well enough to run the head (weights-only files: no)."""
+        return all(getattr(layer, "activation", "") != "unknown" for layer in self.layers)
 
 
 @dataclass(frozen=True)
@@ -73,6 +112,14 @@ class Arch:
     @property
     def conv_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.convs)
+
+    @property
+    def weighted_features(self) -> tuple[str, ...]:
+        """Layers whose weights decide the activations: convs and BatchNorms between conv and ReLU."""
+        names: list[str] = []
+        for c in self.convs:
+            names += [c.name] if c.norm is None else [c.name, c.norm.name]
+        return tuple(names)
 
     @property
     def first_dense(self) -> str | None:
@@ -101,7 +148,7 @@ _VGG19_BLOCKS = ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512))
 
 _IMAGENET_HEAD = HeadSpec(
     reduce="flatten",
-    dense=(
+    layers=(
         DenseSpec("fc1", 4096, "relu"),
         DenseSpec("fc2", 4096, "relu"),
         DenseSpec("predictions", 1000, "softmax"),

@@ -125,7 +125,7 @@ def collect_stats(
         raise DatasetError(f"shard {shard[0]}/{shard[1]} of {ds.describe()} is empty")
     meta = StatsMeta(
         model=arch.name,
-        fingerprint=fingerprint(ws.arrays, arch.conv_names),
+        fingerprint=fingerprint(ws.arrays, arch.weighted_features),
         weights=str(Path(ws.file.path).resolve()),
         size=decode.size,
         resize=decode.resize,

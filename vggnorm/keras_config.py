@@ -14,7 +14,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .archs import Arch, ConvSpec, DenseSpec, FeatureLayer, HeadSpec, PoolSpec
+from .archs import (
+    ActivationSpec,
+    Arch,
+    ConvSpec,
+    DenseSpec,
+    FeatureLayer,
+    HeadLayer,
+    HeadSpec,
+    NormSpec,
+    PoolSpec,
+)
 from .errors import ArchitectureError
 from .weights_io import WeightFile
 
@@ -102,8 +112,9 @@ def arch_from_config(config: dict[str, Any], wf: WeightFile) -> Arch:
         raise ArchitectureError(f"{wf.path}: the model config lists no layers")
     features: list[FeatureLayer] = []
     head_reduce: str | None = None
-    dense: list[DenseSpec] = []
+    head: list[HeadLayer] = []
     pending_conv: dict[str, Any] | None = None  # a linear conv waiting for its ReLU
+    pending_norm: NormSpec | None = None  # a BatchNormalization between that conv and its ReLU
     for layer in layers:
         cls, cfg = layer.get("class_name", "?"), layer.get("config", {})
         name = cfg.get("name", "?")
@@ -121,26 +132,25 @@ def arch_from_config(config: dict[str, Any], wf: WeightFile) -> Arch:
             raise ArchitectureError(f"layer {name!r} is channels_first, which is not supported")
         if head_reduce is not None:
             if cls == "Dense":
-                dense.append(
-                    DenseSpec(
-                        name,
-                        int(cfg["units"]),
-                        _activation(cfg, name),
-                        bool(cfg.get("use_bias", True)),
-                    )
-                )
-            elif not dense and cls not in _IDENTITY:
+                units, bias = int(cfg["units"]), bool(cfg.get("use_bias", True))
+                head.append(DenseSpec(name, units, _activation(cfg, name), bias))
+            elif cls in _IDENTITY:
+                pass
+            elif not head:
                 raise ArchitectureError(
                     f"layer {name!r} ({cls}) sits between the last conv block and the first "
                     "Dense; only pooling, Flatten and Dropout may sit there"
                 )
-            elif dense and cls not in _IDENTITY:
-                dense.append(DenseSpec(name, 0, "unknown"))  # kept unchanged; marks the head opaque
+            else:
+                head.append(_head_layer(cls, cfg, name))
             continue
         if pending_conv is not None:
             if _is_relu(layer):
-                features.append(_conv(pending_conv))
-                pending_conv = None
+                features.append(_conv(pending_conv, pending_norm))
+                pending_conv, pending_norm = None, None
+                continue
+            if cls == "BatchNormalization" and pending_norm is None and _channel_axis(cfg):
+                pending_norm = _norm(cfg, name)
                 continue
             if cls not in _IDENTITY:
                 raise ArchitectureError(
@@ -180,12 +190,26 @@ def arch_from_config(config: dict[str, Any], wf: WeightFile) -> Arch:
         raise ArchitectureError(f"conv layer {pending_conv['name']!r} has no ReLU after it")
     if not any(isinstance(f, ConvSpec) for f in features):
         raise ArchitectureError(f"{wf.path}: no Conv2D layer in the model config")
-    head = None
-    if head_reduce is not None and dense:
+    spec = None
+    if head_reduce is not None and head:
         size = _input_size(layers) if head_reduce == "flatten" else None
-        head = HeadSpec(head_reduce, tuple(dense), size)  # type: ignore[arg-type]
+        spec = HeadSpec(head_reduce, tuple(head), size)  # type: ignore[arg-type]
     name = str(config.get("config", {}).get("name", "model"))
-    return Arch(name, tuple(features), head)
+    return Arch(name, tuple(features), spec)
+
+
+def _head_layer(cls: str, cfg: dict[str, Any], name: str) -> HeadLayer:
+    """A head layer after the first Dense: runs unchanged; unknown kinds only stop `verify`
+    from comparing predictions (the rescaling never touches them)."""
+    if cls == "BatchNormalization" and cfg.get("axis", -1) in (-1, [-1], 1, [1]):
+        return _norm(cfg, name)
+    if cls == "Activation":
+        return ActivationSpec(name, _activation(cfg, name))
+    if cls == "ReLU" and _is_relu({"class_name": cls, "config": cfg}):
+        return ActivationSpec(name, "relu")
+    if cls == "Softmax" and cfg.get("axis", -1) in (-1, [-1]):
+        return ActivationSpec(name, "softmax")
+    return ActivationSpec(name, "unknown")
 
 
 def _input_size(layers: list[dict[str, Any]]) -> int | None:
@@ -198,7 +222,16 @@ def _input_size(layers: list[dict[str, Any]]) -> int | None:
     return None
 
 
-def _conv(cfg: dict[str, Any]) -> ConvSpec:
+def _channel_axis(cfg: dict[str, Any]) -> bool:
+    return cfg.get("axis", -1) in (-1, [-1], 3, [3])
+
+
+def _norm(cfg: dict[str, Any], name: str) -> NormSpec:
+    return NormSpec(name, float(cfg.get("epsilon", 1e-3)), bool(cfg.get("center", True)),
+                    bool(cfg.get("scale", True)))  # fmt: skip
+
+
+def _conv(cfg: dict[str, Any], norm: NormSpec | None = None) -> ConvSpec:
     return ConvSpec(
         cfg["name"],
         int(cfg["filters"]),
@@ -206,4 +239,5 @@ def _conv(cfg: dict[str, Any]) -> ConvSpec:
         _pair(cfg.get("strides", 1)),
         str(cfg.get("padding", "valid")),
         bool(cfg.get("use_bias", True)),
+        norm,
     )

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .archs import Arch, ConvSpec, PoolSpec
+from .archs import ActivationSpec, Arch, ConvSpec, DenseSpec, NormSpec, PoolSpec
 
 Preprocess = Literal["caffe", "unit", "torch"]
 Precision = Literal["fp32", "bf16"]
@@ -116,11 +116,17 @@ def _features(
                 layer.kernel_size,
                 strides=layer.strides,
                 padding=layer.padding,
-                activation="relu",
+                activation="relu" if layer.norm is None else None,
                 use_bias=layer.use_bias,
                 name=layer.name,
                 dtype=dtype,
             )(x)
+            if layer.norm is not None:
+                n = layer.norm
+                x = L.BatchNormalization(
+                    epsilon=n.epsilon, center=n.center, scale=n.scale, name=n.name, dtype=dtype
+                )(x)
+                x = L.Activation("relu", name=f"{layer.name}_relu", dtype=dtype)(x)
             taps.append((layer.name, x))
         elif isinstance(layer, PoolSpec):
             pool = L.MaxPooling2D if layer.kind == "max" else L.AveragePooling2D
@@ -129,13 +135,16 @@ def _features(
 
 
 def _set(model: Any, arch: Arch, arrays: Mapping[str, np.ndarray], with_head: bool) -> None:
-    names = [c.name for c in arch.convs]
+    names = list(arch.weighted_features)
     if with_head and arch.head is not None:
-        names += [d.name for d in arch.head.dense]
+        names += [layer.name for layer in arch.head.layers if not isinstance(layer, ActivationSpec)]
     for name in names:
-        values = [arrays[f"{name}/kernel"]] + (
-            [arrays[f"{name}/bias"]] if f"{name}/bias" in arrays else []
-        )
+        if f"{name}/kernel" in arrays:
+            values = [arrays[f"{name}/kernel"]] + (
+                [arrays[f"{name}/bias"]] if f"{name}/bias" in arrays else []
+            )
+        else:  # BatchNormalization: gamma, beta, moving mean, moving variance, as stored
+            values = [arrays[f"{name}/{i}"] for i in range(4) if f"{name}/{i}" in arrays]
         model.get_layer(name).set_weights([np.asarray(v, dtype=np.float32) for v in values])
 
 
@@ -178,14 +187,18 @@ class FeatureNet:
                 "gmp": L.GlobalMaxPooling2D,
             }[arch.head.reduce]
             x = reduce(name="head_reduce")(x)
-            for d in arch.head.dense:
-                x = L.Dense(
-                    d.units,
-                    activation=d.activation,
-                    use_bias=d.use_bias,
-                    name=d.name,
-                    dtype="float32",
-                )(x)
+            for h in arch.head.layers:
+                if isinstance(h, DenseSpec):
+                    layer = L.Dense(
+                        h.units, activation=h.activation, use_bias=h.use_bias, name=h.name
+                    )
+                elif isinstance(h, NormSpec):
+                    layer = L.BatchNormalization(
+                        epsilon=h.epsilon, center=h.center, scale=h.scale, name=h.name
+                    )
+                else:
+                    layer = L.Activation(h.activation, name=h.name)
+                x = layer(x)
             outs.append(x)
         self.model = keras.Model(inputs, outs, name=f"{arch.name}_{outputs}")
         _set(self.model, arch, arrays, self.has_head)

@@ -53,7 +53,7 @@ def scales_for(record: StatsRecord, bound: Bound, dead_threshold: float = DEAD_T
 
 
 def check_fingerprint(ws: WeightSet, bound: Bound, record: StatsRecord, what: str) -> None:
-    fp = fingerprint(ws.arrays, bound.conv_names)
+    fp = fingerprint(ws.arrays, bound.arch.weighted_features)
     if fp != record.meta.fingerprint:
         raise StatsError(
             f"{what} {ws.file.path} is not the model the stats were gathered on (conv weights "
@@ -101,11 +101,17 @@ def normalize(
     check_fingerprint(ws, bound, record, "--in")
     scales = scales_for(record, bound, dead_threshold)
     head = bound.arch.head
+    norms = {
+        c.name: (c.norm.name, c.norm.weight_index("beta"), c.norm.weight_index("moving_mean") or 0)
+        for c in bound.arch.convs
+        if c.norm is not None
+    }
     new = rescale(
         ws.arrays,
         scales,
         head.dense[0].name if head and head.dense else None,
         head.reduce if head and head.dense else None,
+        norms=norms,
     )
     changed = {k: v for k, v in new.items() if v is not ws.arrays[k]}
     for key, value in changed.items():

@@ -90,6 +90,7 @@ def rescale(
     head_dense: str | None = None,
     head_reduce: Reduce | None = None,
     *,
+    norms: Mapping[str, tuple[str, int | None, int]] | None = None,
     inverse: bool = False,
 ) -> dict[str, np.ndarray]:
     """Divide each conv's filters by their scale and compensate the next consumer.
@@ -100,6 +101,10 @@ def rescale(
         head_dense: the first Dense after the last conv, whose input rows are compensated.
         head_reduce: how the head reads the last conv map: ``"flatten"`` (channels-last flatten
             order, row ``p*C + c`` gets scale ``c``) or ``"gap"``/``"gmp"`` (row ``c``).
+        norms: for a conv followed by BatchNormalization before its ReLU: conv -> (BN layer,
+            index of beta or None, index of moving_mean) in ``"<bn>/<i>"`` keys. BN in inference
+            is ``gamma * (z - mean) / sqrt(var + eps) + beta``; dividing z, mean and beta by s
+            divides its output by s, so gamma and var stay.
         inverse: undo a previous rescale with the same scales.
 
     Returns:
@@ -134,6 +139,12 @@ def rescale(
         if f"{name}/bias" in weights:
             bias = _checked(weights, f"{name}/bias", 1)
             out[f"{name}/bias"] = (bias.astype(np.float64) / s).astype(bias.dtype)
+        if norms and name in norms:
+            bn, beta, mean = norms[name]
+            for index in (beta, mean):
+                if index is not None:
+                    w = _checked(weights, f"{bn}/{index}", 1)
+                    out[f"{bn}/{index}"] = (w.astype(np.float64) / s).astype(w.dtype)
         prev = s
     if head_dense is not None and prev is not None:
         kernel = _checked(weights, f"{head_dense}/kernel", 2)

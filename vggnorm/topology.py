@@ -136,15 +136,16 @@ def bind(wf: WeightFile, model: str | None = None) -> Bound:
     return _bind_stock(wf, ARCHS[stock])
 
 
-def fingerprint(arrays: Mapping[str, np.ndarray], conv_names: Sequence[str]) -> str:
-    """sha256 over the conv kernels and biases in network order, as little-endian float32.
+def fingerprint(arrays: Mapping[str, np.ndarray], layers: Sequence[str]) -> str:
+    """sha256 over the weights of ``layers`` (convs, and BatchNorms between conv and ReLU) in
+    network order, as little-endian float32.
 
     Independent of file layout, layer names and storage dtype, so stats gathered from one copy of
     a model match any other copy of the same weights.
     """
     h = hashlib.sha256()
-    for name in conv_names:
-        for part in ("kernel", "bias"):
+    for name in layers:
+        for part in ("kernel", "bias", "0", "1", "2", "3"):
             key = f"{name}/{part}"
             if key in arrays:
                 a = np.ascontiguousarray(arrays[key], dtype="<f4")

@@ -1,0 +1,221 @@
+"""Fine-tuned VGG-like models with their own heads, in every format they are saved in."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vggnorm.collect import collect_stats
+from vggnorm.data import Decode
+from vggnorm.errors import ArchitectureError
+from vggnorm.normalize import normalize
+from vggnorm.verify import verify
+from vggnorm.weights_io import inspect_weights
+
+pytestmark = pytest.mark.keras
+SIZE = 32
+
+
+def _finetuned(head: str, seed: int = 0) -> Any:
+    """VGG16 base nested in a Sequential with a Flatten->Dense->BN->Dense or GAP head."""
+    import keras
+    from keras_files import tiny_vgg
+
+    base = tiny_vgg(include_top=False, size=SIZE, seed=seed)
+    L = keras.layers
+    reduce = L.Flatten() if head == "flatten" else L.GlobalAveragePooling2D()
+    model = keras.Sequential(
+        [keras.Input((SIZE, SIZE, 3)), base, reduce, L.Dense(16, activation="relu"),
+         L.BatchNormalization(), L.Dropout(0.3), L.Dense(5, activation="softmax")]
+    )  # fmt: skip
+    rng = np.random.default_rng(seed + 1)
+    bn = model.layers[-3]
+    bn.set_weights([rng.uniform(0.5, 2, 16), rng.normal(0, 1, 16), rng.normal(0, 1, 16),
+                    rng.uniform(0.5, 2, 16)])  # fmt: skip
+    return model
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        arr = rng.integers(0, 256, (int(rng.integers(32, 70)), int(rng.integers(32, 70)), 3))
+        Image.fromarray(arr.astype(np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def _save(model: Any, path: Path) -> Path:
+    if path.name.endswith(".weights.h5"):
+        model.save_weights(path)
+    else:
+        model.save(path)
+    return path
+
+
+def _preprocessed(images: Path) -> np.ndarray:
+    from vggnorm.data import load_image
+
+    batch = np.stack([load_image(p, Decode(SIZE)) for p in sorted(images.iterdir())])
+    return batch[..., ::-1].astype(np.float32) - np.array([103.939, 116.779, 123.68], np.float32)
+
+
+@pytest.mark.parametrize(
+    ("head", "suffix"),
+    [("flatten", ".keras"), ("flatten", ".h5"), ("gap", ".keras"), ("gap", ".weights.h5")],
+)
+def test_finetuned_model_keeps_predictions_and_format(
+    head: str, suffix: str, images: Path, tmp_path: Path
+) -> None:
+    import keras
+
+    model = _finetuned(head)
+    src = _save(model, tmp_path / f"ft{suffix}")
+    dst = tmp_path / f"ft_norm{suffix}"
+    stats = tmp_path / "stats.h5"
+    record = collect_stats(src, images, decode=Decode(SIZE), out=stats, batch_size=4)
+    assert record.n_images == 6
+    result = normalize(src, dst, stats)
+    assert inspect_weights(dst).format == inspect_weights(src).format
+
+    x = _preprocessed(images)
+    expected = model.predict_on_batch(x)
+    if suffix == ".weights.h5":
+        loaded = _finetuned(head, seed=9)  # other weights: load_weights must replace them all
+        loaded.load_weights(dst)
+    else:
+        loaded = keras.models.load_model(dst)
+    got = loaded.predict_on_batch(x)
+    # Softmax of large random logits: errors are judged against the output's scale, as verify does.
+    assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
+    # The weights really changed: every conv now has unit means on these images.
+    assert not np.allclose(loaded.get_weights()[0], model.get_weights()[0])
+    first_dense = next(
+        layer.name for layer in model.layers if isinstance(layer, keras.layers.Dense)
+    )
+    assert result.provenance["head_dense"] == first_dense
+
+    report = verify(dst, src, stats)
+    assert report.ok and report.means_ok
+    if suffix != ".weights.h5":  # the head of a weights-only file has unknown activations
+        assert report.predictions is not None and report.predictions["max_rel_err"] <= 1e-4
+
+
+def test_keras_zip_members_other_than_weights_are_copied_byte_for_byte(
+    images: Path, tmp_path: Path
+) -> None:
+    src = _save(_finetuned("gap"), tmp_path / "m.keras")
+    stats = tmp_path / "s.h5"
+    collect_stats(src, images, decode=Decode(SIZE), out=stats)
+    normalize(src, tmp_path / "n.keras", stats)
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(tmp_path / "n.keras") as b:
+        assert a.namelist() == b.namelist()
+        for name in a.namelist():
+            if name != "model.weights.h5":
+                assert a.read(name) == b.read(name), name
+
+
+def _config_with(layers_patch: Any, tmp_path: Path) -> Path:
+    """A .keras file whose config.json was edited (the weights stay loadable as data)."""
+    src = _save(_finetuned("gap"), tmp_path / "m.keras")
+    out = tmp_path / "edited.keras"
+    with zipfile.ZipFile(src) as z_in, zipfile.ZipFile(out, "w") as z_out:
+        for info in z_in.infolist():
+            data = z_in.read(info.filename)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                base = next(
+                    x for x in config["config"]["layers"] if x["class_name"] == "Functional"
+                )
+                layers_patch(base["config"]["layers"])
+                data = json.dumps(config).encode()
+            z_out.writestr(info, data)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        pytest.param(
+            lambda layers: layers[2]["config"].update(activation="tanh"),
+            "uses activation 'tanh'", id="tanh-conv"),
+        pytest.param(
+            lambda layers: layers.insert(2, {"class_name": "Lambda", "config": {
+                "name": "evil", "function": {"class_name": "__lambda__", "config": {"code": "AA=="}}}}),
+            "never executes code", id="lambda"),
+        pytest.param(
+            lambda layers: layers.insert(2, {"class_name": "BatchNormalization", "config": {
+                "name": "bn_between"}}),
+            "'bn_between' (BatchNormalization) cannot be normalized exactly", id="bn-after-relu"),
+        pytest.param(
+            lambda layers: layers[1]["config"].update(activation="linear"),
+            "followed by 'block1_conv2' (Conv2D), not a ReLU", id="linear-conv"),
+        pytest.param(
+            lambda layers: layers.insert(3, {"class_name": "Add", "config": {"name": "res"},
+                "inbound_nodes": [{"args": [[{"class_name": "__keras_tensor__", "config": {
+                    "keras_history": ["a", 0, 0]}}, {"class_name": "__keras_tensor__", "config": {
+                    "keras_history": ["b", 0, 0]}}]]}]}),
+            "merges several inputs", id="residual"),
+    ],
+)  # fmt: skip
+def test_architectures_that_cannot_be_normalized_are_refused(
+    patch: Any, message: str, tmp_path: Path
+) -> None:
+    from vggnorm.topology import bind
+
+    path = _config_with(patch, tmp_path)
+    with pytest.raises(ArchitectureError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        bind(inspect_weights(path))
+
+
+def _conv_bn_relu_model(seed: int = 0) -> Any:
+    """A small VGG-like net with BatchNorm between each conv and its ReLU, and a ReLU layer."""
+    import keras
+
+    L = keras.layers
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((SIZE, SIZE, 3)),
+         L.Conv2D(8, 3, padding="same", name="c1"), L.BatchNormalization(name="bn1"), L.ReLU(name="r1"),
+         L.MaxPooling2D(2, name="p1"),
+         L.Conv2D(12, 3, padding="same", name="c2"), L.BatchNormalization(name="bn2", center=False),
+         L.Activation("relu", name="r2"), L.AveragePooling2D(2, name="p2"),
+         L.Conv2D(16, 3, padding="same", activation="relu", name="c3"), L.Dropout(0.1),
+         L.Flatten(name="flat"), L.Dense(6, activation="relu", name="fc"), L.Dense(3, name="out")]
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    for bn in (model.get_layer("bn1"), model.get_layer("bn2")):
+        # Non-trivial inference statistics, negative gammas included: still exact.
+        bn.set_weights([rng.uniform(-1.5, 2, w.shape) if i == 0 else rng.normal(0, 3, w.shape)
+                        if i < len(bn.get_weights()) - 1 else rng.uniform(0.5, 4, w.shape)
+                        for i, w in enumerate(bn.get_weights())])  # fmt: skip
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_batchnorm_between_conv_and_relu_is_rescaled_exactly(
+    suffix: str, images: Path, tmp_path: Path
+) -> None:
+    import keras
+
+    model = _conv_bn_relu_model()
+    src = _save(model, tmp_path / f"m{suffix}")
+    stats = tmp_path / "s.h5"
+    collect_stats(src, images, decode=Decode(SIZE), out=stats, batch_size=4)
+    normalize(src, tmp_path / f"n{suffix}", stats)
+    x = _preprocessed(images)
+    got = keras.models.load_model(tmp_path / f"n{suffix}").predict_on_batch(x)
+    expected = model.predict_on_batch(x)
+    assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
+    report = verify(tmp_path / f"n{suffix}", src, stats)
+    assert report.ok and report.means_ok and report.predictions is not None
+    assert [c.name for c in report.layers] == ["c1", "c2", "c3"]
+    # gamma and moving variance are untouched; beta and moving mean carry the scale.
+    before, after = inspect_weights(src), inspect_weights(tmp_path / f"n{suffix}")
+    assert [e.name for e in before.layers] == [e.name for e in after.layers]
