@@ -283,7 +283,7 @@ def _check_head(
     head = bound.arch.head
     if head is None or not head.dense:
         return None
-    if any(d.activation == "unknown" for d in head.dense):
+    if not head.known:
         notes.append("head activations unknown in a weights-only file: predictions not compared")
         return None
     size = head.input_size or decode.size
