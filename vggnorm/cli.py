@@ -262,6 +262,87 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"merged stats file (default {DEFAULT_STATS})",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+
+    # report -----------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "report", parents=[common], formatter_class=fmt,
+        help="plot what normalization did: per-layer means, dead filters, loss spread",
+        description="Write a PNG figure and a JSON summary from a stats file: the per-filter "
+        "mean activations of every conv layer before normalization (log scale) and after, dead "
+        "and near-dead filters, and with --weights the per-layer style (Gram) and content loss "
+        "magnitudes on a pair of images before and after, with how much their spread shrank. "
+        "Needs matplotlib (pip install 'vggnorm[plot]').",
+    )  # fmt: skip
+    p.add_argument(
+        "--stats",
+        metavar="PATH",
+        default=DEFAULT_STATS,
+        help=f"stats file (default {DEFAULT_STATS})",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="the weights the stats were gathered on: adds the style/content loss panel",
+    )
+    p.add_argument(
+        "--normalized",
+        metavar="PATH",
+        help="normalized file to use for the 'after' losses (default: rescaled in memory)",
+    )
+    p.add_argument(
+        "--images",
+        nargs=2,
+        metavar="IMG",
+        help="the image pair for the losses (default: the first two stats images)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="PATH",
+        default="vggnorm-report.png",
+        help="figure to write (default vggnorm-report.png); the JSON goes beside it",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+    # bn ---------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "bn", parents=[common], formatter_class=fmt,
+        help="build the VGG with identity-initialised BatchNorm after every conv, for fine-tuning",
+        description="Insert a BatchNormalization after every ReLU conv, initialised from the "
+        "stats (moving mean/variance = the recorded mean/variance, gamma = sqrt(var + eps), "
+        "beta = mean) so that in inference mode the network computes exactly what it did. The "
+        "model takes preprocessed float32 images (as --preprocess of the stats).",
+    )  # fmt: skip
+    p.add_argument(
+        "--in",
+        dest="src",
+        metavar="PATH",
+        required=True,
+        help="weight file the stats were gathered on",
+    )
+    p.add_argument(
+        "--stats",
+        metavar="PATH",
+        default=DEFAULT_STATS,
+        help=f"stats file (default {DEFAULT_STATS})",
+    )
+    p.add_argument(
+        "--out", dest="dst", metavar="PATH", required=True, help="model to write (.keras)"
+    )
+    p.add_argument(
+        "--size",
+        type=_positive_int,
+        metavar="N",
+        help="input size (default: the head's, else the stats')",
+    )
+    p.add_argument(
+        "--top-bn",
+        action="store_true",
+        help="also put (identity) BatchNorm after the ReLU Dense layers of the top",
+    )
+    p.add_argument(
+        "--model", choices=["vgg16", "vgg19"], help="only needed if the file cannot tell"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     return parser
 
 
@@ -413,7 +494,70 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"stats": _cmd_stats, "apply": _cmd_apply, "verify": _cmd_verify, "merge": _cmd_merge}
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import summary_text, write_report
+    from .statsfile import read_stats
+
+    out_png = Path(args.out)
+    out_json = out_png.with_suffix(".json")
+    for path in (out_png, out_json):
+        if path.exists() and not args.force:
+            raise VggnormError(f"{path} already exists; pass --force to overwrite it")
+    record = read_stats(args.stats)
+    style = _style(args, record) if args.weights else None
+    report = write_report(record, out_png, out_json, style=style)
+    if not args.quiet:
+        print("\n".join(summary_text(report)))
+    _say(args, f"wrote {out_png} and {out_json}")
+    return EXIT_OK
+
+
+def _style(args: argparse.Namespace, record: Any) -> Any:
+    import numpy as np
+
+    from .data import Decode, load_image
+    from .normalize import check_fingerprint, scales_for
+    from .report import style_content_spread
+    from .topology import bind
+    from .weights_io import read_weights
+
+    ws = read_weights(args.weights)
+    bound = bind(ws.file)
+    check_fingerprint(ws, bound, record, "--weights")
+    meta = record.meta
+    decode = Decode(meta.size, meta.resize, meta.interpolation, meta.draft)
+    paths = [Path(p) for p in args.images] if args.images else [
+        Path(meta.dataset_root) / item for item in record.images[:2]
+    ]  # fmt: skip
+    if len(paths) < 2:
+        raise VggnormError("the loss panel needs two images; pass --images A B")
+    images = np.stack([load_image(p, decode) for p in paths])
+    norm = read_weights(args.normalized).arrays if args.normalized else None
+    arch = bound.arch.without_head()
+    return style_content_spread(
+        arch, ws.arrays, norm, scales_for(record, bound), images, meta.preprocess
+    )
+
+
+def _cmd_bn(args: argparse.Namespace) -> int:
+    from .bn import write_bn_model
+
+    out = write_bn_model(
+        args.src, args.stats, args.dst, force=args.force, model=args.model, size=args.size,
+        include_top_bn=args.top_bn,
+    )  # fmt: skip
+    _say(args, f"wrote {out}: BatchNorm after every conv, identity in inference mode")
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "stats": _cmd_stats,
+    "apply": _cmd_apply,
+    "verify": _cmd_verify,
+    "merge": _cmd_merge,
+    "report": _cmd_report,
+    "bn": _cmd_bn,
+}
 
 
 def _sigterm(signum: int, frame: Any) -> None:

@@ -20,7 +20,6 @@ import hashlib
 import io
 import os
 import re
-import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -304,13 +303,19 @@ def load_image(path: Path, decode: Decode) -> npt.NDArray[np.uint8]:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as raw:
-                if decode.draft and raw.format == "JPEG":
-                    raw.draft("RGB", (decode.size, decode.size))
-                raw.load()
-                img = _to_rgb(ImageOps.exif_transpose(raw))
+        with Image.open(path) as raw:
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that, so check here: turning the
+            # warning into an error with warnings.catch_warnings() is not thread-safe (this runs
+            # in decoding threads) and leaked an "error" filter into the process.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and raw.size[0] * raw.size[1] > limit:
+                raise Image.DecompressionBombError(
+                    f"{raw.size[0]}x{raw.size[1]} pixels is over the limit of {limit}"
+                )
+            if decode.draft and raw.format == "JPEG":
+                raw.draft("RGB", (decode.size, decode.size))
+            raw.load()
+            img = _to_rgb(ImageOps.exif_transpose(raw))
     except FileNotFoundError as e:
         raise ImageSkip("missing", str(path)) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

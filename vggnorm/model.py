@@ -57,7 +57,8 @@ def _native_stderr_captured() -> Iterator[None]:
             os.close(saved)
 
 
-def _keras() -> Any:
+def keras_module() -> Any:
+    """Keras, imported on first use with TensorFlow's start-up log lines held back."""
     if "keras" in sys.modules:
         return sys.modules["keras"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -71,6 +72,29 @@ def _keras() -> Any:
     return keras
 
 
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+def preprocess_images(images: npt.ArrayLike, scheme: str = "caffe") -> npt.NDArray[np.float32]:
+    """Preprocess uint8 RGB images ``(..., 3)`` as :mod:`vggnorm.model` does inside its graph.
+
+    ``caffe``: RGB -> BGR minus the ImageNet mean; ``unit``: RGB / 255; ``torch``: RGB / 255, then
+    ImageNet mean/std. float32 throughout, in the same order of operations as the stats model.
+    """
+    x = np.asarray(images).astype(np.float32)
+    if scheme == "caffe":
+        return x[..., ::-1] - np.asarray(_CAFFE_MEAN_BGR, dtype=np.float32)
+    if scheme == "unit":
+        return x / np.float32(255.0)
+    if scheme == "torch":
+        mean = np.asarray(_TORCH_MEAN, dtype=np.float32)
+        std = np.asarray(_TORCH_STD, dtype=np.float32)
+        return (x / np.float32(255.0) - mean) / std
+    raise ValueError(f"unknown preprocessing {scheme!r}; expected caffe, unit or torch")
+
+
 def _preprocess_layer(keras: Any, scheme: Preprocess) -> Any:
     ops = keras.ops
 
@@ -78,11 +102,11 @@ def _preprocess_layer(keras: Any, scheme: Preprocess) -> Any:
         def call(self, x: Any) -> Any:
             x = ops.cast(x, "float32")
             if scheme == "caffe":
-                return ops.flip(x, axis=-1) - ops.convert_to_tensor([103.939, 116.779, 123.68])
+                return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR)
             if scheme == "unit":
                 return x / 255.0
-            mean = ops.convert_to_tensor([0.485, 0.456, 0.406])
-            std = ops.convert_to_tensor([0.229, 0.224, 0.225])
+            mean = ops.convert_to_tensor(_TORCH_MEAN)
+            std = ops.convert_to_tensor(_TORCH_STD)
             return (x / 255.0 - mean) / std
 
     return Preprocessing(name=f"preprocess_{scheme}", dtype="float32")
@@ -166,7 +190,7 @@ class FeatureNet:
         outputs: Literal["moments", "activations"] = "moments",
         with_head: bool = False,
     ) -> None:
-        keras = _keras()
+        keras = keras_module()
         self.arch = arch
         self.size = size
         inputs = keras.Input((size, size, 3), dtype="uint8", name="images")
@@ -219,7 +243,7 @@ class FeatureNet:
 
 
 def backend_description() -> str:
-    keras = _keras()
+    keras = keras_module()
     return f"keras {keras.__version__} ({keras.backend.backend()})"
 
 
@@ -227,7 +251,7 @@ def fetch_imagenet_weights(model: str, include_top: bool = False) -> str:
     """Path to Keras's ImageNet weights for ``model``, downloaded and cached as keras.applications does."""
     from .archs import IMAGENET_WEIGHTS
 
-    keras = _keras()
+    keras = keras_module()
     origin, md5 = IMAGENET_WEIGHTS[(model, include_top)]
     return str(
         keras.utils.get_file(

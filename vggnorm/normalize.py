@@ -14,7 +14,7 @@ from . import __version__
 from .collect import now
 from .errors import StatsError, WeightFileError
 from .rescale import DEAD_THRESHOLD, Scales, compute_scales, rescale
-from .statsfile import StatsRecord, read_stats
+from .statsfile import StatsRecord, read_stats, stats_by_conv
 from .topology import Bound, bind, fingerprint
 from .weights_io import WeightSet, read_weights, sha256_file, write_weights
 
@@ -32,23 +32,8 @@ class ApplyResult:
 
 def scales_for(record: StatsRecord, bound: Bound, dead_threshold: float = DEAD_THRESHOLD) -> Scales:
     """Scales for ``bound``'s convs from ``record``, matched by position (names may differ by format)."""
-    if not record.meta.complete:
-        raise StatsError(
-            "the stats file is from an unfinished run; finish it with `vggnorm stats --resume`"
-        )
-    convs = bound.arch.convs
-    if len(record.layers) != len(convs):
-        raise StatsError(
-            f"stats cover {len(record.layers)} conv layers but the model has {len(convs)}"
-        )
-    means = {}
-    for layer_stats, conv in zip(record.layers, convs):
-        if layer_stats.channels != conv.filters:
-            raise StatsError(
-                f"stats layer {layer_stats.name} has {layer_stats.channels} filters, "
-                f"the model's {conv.name} has {conv.filters}"
-            )
-        means[conv.name] = layer_stats.mean
+    matched = stats_by_conv(record, [(c.name, c.filters) for c in bound.arch.convs])
+    means = {name: s.mean for name, s in matched.items()}
     return compute_scales(means, bound.conv_names, dead_threshold)
 
 
@@ -99,7 +84,10 @@ def normalize(
     bound = bind(ws.file, model)
     record = stats if isinstance(stats, StatsRecord) else read_stats(stats)
     check_fingerprint(ws, bound, record, "--in")
-    scales = scales_for(record, bound, dead_threshold)
+    try:
+        scales = scales_for(record, bound, dead_threshold)
+    except StatsError as e:
+        raise StatsError(f"{stats}: {e}" if not isinstance(stats, StatsRecord) else str(e)) from e
     head = bound.arch.head
     norms = {
         c.name: (c.norm.name, c.norm.weight_index("beta"), c.norm.weight_index("moving_mean") or 0)

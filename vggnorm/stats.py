@@ -49,12 +49,15 @@ class LayerStats:
 
     def add(self, batch_sum: npt.ArrayLike, batch_sumsq: npt.ArrayLike, count: int) -> LayerStats:
         """A new LayerStats with one batch's partial sums added in float64."""
-        return LayerStats(
-            self.name,
-            self.sum + np.asarray(batch_sum, dtype=np.float64),
-            self.sumsq + np.asarray(batch_sumsq, dtype=np.float64),
-            self.count + int(count),
-        )
+        s = np.asarray(batch_sum, dtype=np.float64)
+        sq = np.asarray(batch_sumsq, dtype=np.float64)
+        if s.shape != self.sum.shape or sq.shape != self.sum.shape:
+            # numpy would broadcast a wrong-length batch silently
+            raise ValueError(
+                f"{self.name}: batch sums of shape {s.shape} and {sq.shape} for "
+                f"{self.channels} filters"
+            )
+        return LayerStats(self.name, self.sum + s, self.sumsq + sq, self.count + int(count))
 
     def merge(self, other: LayerStats) -> LayerStats:
         if other.name != self.name or other.channels != self.channels:

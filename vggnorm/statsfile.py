@@ -25,6 +25,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import StatsError
+from .rescale import DEAD_THRESHOLD
 from .stats import LayerStats
 
 FORMAT = "vggnorm-stats"
@@ -162,7 +163,7 @@ def read_stats(path: str | os.PathLike[str]) -> StatsRecord:
                 skipped.append((d["item"], d["reason"], d["detail"]))
     except StatsError:
         raise
-    except (OSError, KeyError, TypeError, ValueError) as e:
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as e:  # h5py: corrupt file
         raise StatsError(f"{p}: unreadable stats file: {e}") from e
     return StatsRecord(meta, tuple(layers), images, tuple(skipped))
 
@@ -174,7 +175,7 @@ def summary_lines(record: StatsRecord) -> list[str]:
         m = s.mean if s.count else np.zeros(s.channels)
         lines.append(
             f"{s.name:<16} filters {s.channels:>4}  mean min {m.min():.4g}  "
-            f"median {np.median(m):.4g}  max {m.max():.4g}  dead {int(np.sum(m <= 0))}"
+            f"median {np.median(m):.4g}  max {m.max():.4g}  dead {int(np.sum(m <= DEAD_THRESHOLD))}"
         )
     return lines
 
@@ -185,11 +186,28 @@ def same_settings(a: StatsMeta, b: StatsMeta) -> list[str]:
     return [k for k in sa if sa[k] != sb[k]]
 
 
-def check_layers(record: StatsRecord, conv_names: Sequence[str]) -> None:
-    if len(record.layers) != len(conv_names):
+def stats_by_conv(record: StatsRecord, convs: Sequence[tuple[str, int]]) -> dict[str, LayerStats]:
+    """The record's layers matched to the model's ``(conv name, filters)`` by position: names
+    differ between formats (``block1_conv1`` vs ``conv2d``); the fingerprint ties the weights."""
+    if not record.meta.complete:
         raise StatsError(
-            f"stats cover {len(record.layers)} conv layers but the model has {len(conv_names)}"
+            "the stats file is from an unfinished run; finish it with `vggnorm stats --resume`"
         )
+    if len(record.layers) != len(convs):
+        raise StatsError(
+            f"stats cover {len(record.layers)} conv layers but the model has {len(convs)}"
+        )
+    out = {}
+    for layer_stats, (name, filters) in zip(record.layers, convs, strict=True):
+        if layer_stats.channels != filters:
+            raise StatsError(
+                f"stats layer {layer_stats.name} has {layer_stats.channels} filters, "
+                f"the model's {name} has {filters}"
+            )
+        if layer_stats.count == 0:
+            raise StatsError(f"stats layer {layer_stats.name} counted no activation")
+        out[name] = layer_stats
+    return out
 
 
 def merge_records(records: Sequence[StatsRecord], names: Sequence[str] = ()) -> StatsRecord:
