@@ -148,6 +148,8 @@ def collect_stats(
     conv_filters = [(c.name, c.filters) for c in arch.convs]
     record = StatsRecord(meta, empty_stats(conv_filters), (), ())
     out_path = Path(out) if out is not None else None
+    if out_path is not None and not out_path.parent.is_dir():
+        raise StatsError(f"{out_path.parent}: output directory does not exist")
     if resume:
         record = _resumed(out_path, meta)
     net = FeatureNet(arch, ws.arrays, decode.size, preprocess, precision)
