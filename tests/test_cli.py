@@ -284,3 +284,36 @@ def test_shards_merge_to_the_unsharded_run(
     assert _run(["merge", "s0.h5", "other.h5", "--out", "bad.h5"]) == EXIT_ERROR
     assert "differs from s0.h5 in size" in capsys.readouterr().err
     assert not Path("twice.h5").exists() and not Path("bad.h5").exists()
+
+
+@pytest.mark.keras
+def test_report_bn_and_verify_plot_verbs(
+    tmp_path: Path,
+    vgg16_notop: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "imgs", [f"{i}.jpg" for i in range(4)])
+    assert (
+        _run(["stats", "--data", "imgs", "--weights", str(vgg16_notop), "--size", "32"]) == EXIT_OK
+    )
+    assert _run(["apply", "--in", str(vgg16_notop), "--out", "n.h5"]) == EXIT_OK
+    assert _run(["verify", "--plot", "verify.png"]) == EXIT_OK
+    assert Path("verify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    capsys.readouterr()
+    assert main(["report", "--weights", str(vgg16_notop), "--normalized", "n.h5"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "style loss spread across layers" in out
+    report = json.loads(Path("vggnorm-report.json").read_text())
+    assert len(report["layers"]) == 13 and Path("vggnorm-report.png").stat().st_size > 0
+    assert _run(["report"]) == EXIT_ERROR  # outputs exist: --force needed
+    assert _run(["report", "--force"]) == EXIT_OK
+
+    assert _run(["bn", "--in", str(vgg16_notop), "--out", "bn.h5"]) == EXIT_ERROR  # not .keras
+    assert _run(["bn", "--in", str(vgg16_notop), "--out", "bn.keras"]) == EXIT_OK
+    import keras
+
+    bn = keras.models.load_model("bn.keras")
+    assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in bn.layers) == 13

@@ -266,7 +266,7 @@ def write_bn_model(
     from .normalize import check_fingerprint
     from .statsfile import read_stats
     from .topology import bind
-    from .weights_io import read_weights
+    from .weights_io import check_new_file, read_weights
 
     src, out = Path(src_weights_path), Path(out_path)
     if out.suffix != ".keras":
@@ -274,14 +274,15 @@ def write_bn_model(
             f"--out {out.name} must end in .keras: the BN model is a whole Keras model "
             "(architecture and weights), which Keras saves only as .keras"
         )
-    if out.exists() and src.exists() and os.path.samefile(src, out):
-        raise WeightFileError(f"--out {out} is the input file; vggnorm never writes over its input")
-    if out.exists() and not force:
-        raise WeightFileError(f"{out} already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise WeightFileError(f"{out.parent}: output directory does not exist")
+    check_new_file(src, out, force)
     ws = read_weights(src)
     bound = bind(ws.file, model)
+    with_norm = [c.name for c in bound.arch.convs if c.norm is not None]
+    if with_norm:
+        raise ArchitectureError(
+            f"conv layer {with_norm[0]!r} already has a BatchNormalization before its ReLU; "
+            "vggnorm bn builds BatchNorm VGGs from plain ones"
+        )
     record = read_stats(stats_path)
     check_fingerprint(ws, bound, record, "--in")
     arch = bound.arch

@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per forward pass (default 16)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--plot", metavar="PNG", help="also draw the per-layer table as a figure (needs matplotlib)"
+    )
 
     # merge ------------------------------------------------------------------------------------
     p = sub.add_parser(
@@ -458,6 +461,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             normalized, args.original, args.stats, data=args.data, limit=args.limit,
             check_images=args.check_images, batch_size=args.batch_size, progress=bar,
         )  # fmt: skip
+    if args.plot:
+        from .report import write_verify_figure
+
+        write_verify_figure(report, args.plot)
     if args.json:
         print(report.to_json())
     else:

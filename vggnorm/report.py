@@ -546,3 +546,56 @@ def _loss_panel(ax: Any, style: Mapping[str, Any], kind: str, label: str) -> Non
     )
     ax.grid(axis="y", which="major", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def write_verify_figure(report: Any, out_png: str | Path) -> None:
+    """The per-layer table of a :class:`vggnorm.verify.VerifyReport` as a figure (PNG, atomic):
+    re-measured means after normalization (min/median/max of live filters, around 1) and the two
+    errors against their tolerances, on a log axis."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("the verify figure needs matplotlib: pip install 'vggnorm[plot]'") from e
+
+    layers = report.layers
+    names = [c.name for c in layers]
+    x = np.arange(len(layers))
+    fig = Figure(figsize=(max(8.0, 0.7 * len(layers) + 3), 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    med = np.array([c.mean_median for c in layers])
+    lo = med - np.array([c.mean_min for c in layers])
+    hi = np.array([c.mean_max for c in layers]) - med
+    top.errorbar(x, med, yerr=[lo, hi], fmt="o", capsize=4, color="tab:blue",
+                 label="live filters: median, min..max")  # fmt: skip
+    top.axhline(1.0, color="grey", lw=0.8, ls="--")
+    judged = "judged" if report.means_checked else "not judged (subset of the stats images)"
+    top.set_title(
+        f"re-measured mean activation after normalization, {report.means_images} of "
+        f"{report.stats_images} stats images: {judged}"
+    )
+    top.set_ylabel("mean / 1")
+    top.legend(loc="best")
+    floor = 1e-12
+    func = np.maximum([c.function_rel_err for c in layers], floor)
+    means = np.maximum([c.means_err for c in layers], floor)
+    bottom.semilogy(x, func, "o-", label="same function: max |a_norm*s - a| / max |a|")
+    bottom.semilogy(x, means, "s-", label="means: max |mean-1| * s / median(s)")
+    bottom.axhline(
+        report.function_tol, color="tab:blue", ls=":", label=f"tolerance {report.function_tol:g}"
+    )
+    if report.means_tol != report.function_tol:
+        bottom.axhline(
+            report.means_tol,
+            color="tab:orange",
+            ls=":",
+            label=f"means tolerance {report.means_tol:g}",
+        )
+    bottom.set_ylabel("error (log)")
+    bottom.set_xticks(x, names, rotation=60, ha="right")
+    verdict = "PASSED" if report.ok else "FAILED"
+    bottom.set_title(f"errors per layer, against tolerances: {verdict}")
+    bottom.legend(loc="best", fontsize="small")
+    with atomic_path(Path(out_png)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

@@ -431,6 +431,11 @@ def check_output_path(src: Path, dst: Path, force: bool) -> None:
             f"--out {dst.name} must end in {_suffix_of(src)} like --in {src.name}: Keras picks "
             "the loader by suffix, so the output keeps the input's format"
         )
+    check_new_file(src, dst, force)
+
+
+def check_new_file(src: Path, dst: Path, force: bool) -> None:
+    """Refuse a target that is the input, exists (without ``force``) or has no directory."""
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise WeightFileError(f"--out {dst} is the input file; vggnorm never writes over its input")
     if dst.exists() and not force:
