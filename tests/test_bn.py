@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from vggnorm.bn import bn_params, identity_bn_params, preprocess_images, write_bn_model
 from vggnorm.errors import ArchitectureError, StatsError, WeightFileError
@@ -123,21 +122,10 @@ def test_write_bn_model_refuses_existing_output(tmp_path: Path) -> None:
 # Keras: a tiny VGG16 with real statistics
 
 
-def _photos(root: Path, n: int = 6, seed: int = 0) -> None:
-    # Smooth random fields of assorted sizes: more photo-like than noise.
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        h, w = (int(v) for v in rng.integers(33, 80, 2))
-        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-        img = rng.uniform(0, 255, 3) + 80 * np.sin(6 * xx[..., None] * rng.uniform(0.5, 2, 3))
-        img = img + 60 * np.cos(5 * yy[..., None]) + rng.normal(0, 8, (h, w, 3))
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"img{i}.png")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from keras_files import save_downloaded_layout, tiny_vgg
+    from photos import write_photos
 
     from vggnorm.collect import collect_stats
     from vggnorm.data import Decode, load_image
@@ -145,7 +133,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from vggnorm.weights_io import read_weights
 
     root = tmp_path_factory.mktemp("bn")
-    _photos(root / "images")
+    write_photos(root / "images", [f"img{i}.png" for i in range(6)])
     weights = save_downloaded_layout(
         tiny_vgg(include_top=False, size=SIZE),
         root / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",

@@ -11,26 +11,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
+from photos import write_photos
 
 from vggnorm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, main
 from vggnorm.statsfile import read_stats
 
 
-def _photo(path: Path, rng: np.random.Generator, size: tuple[int, int]) -> None:
-    # Smooth random fields look more like photos than white noise and survive JPEG well.
-    h, w = size[1], size[0]
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    base = rng.uniform(0, 255, 3) + 80 * np.sin(6 * xx[..., None] * rng.uniform(0.5, 2, 3))
-    img = np.clip(base + 60 * np.cos(5 * yy[..., None]) + rng.normal(0, 8, (h, w, 3)), 0, 255)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img.astype(np.uint8)).save(path)
-
-
 def _images(root: Path, names: list[str], seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for name in names:
-        _photo(root / name, rng, (int(rng.integers(33, 90)), int(rng.integers(33, 90))))
+    write_photos(root, names, seed, max_side=90)
 
 
 @pytest.fixture(scope="module")

@@ -203,20 +203,10 @@ def test_write_report_without_matplotlib_says_what_to_install(
 # Keras: the tiny VGG16 with real statistics
 
 
-def _photos(root: Path, n: int = 6, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        h, w = (int(v) for v in rng.integers(33, 80, 2))
-        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-        img = rng.uniform(0, 255, 3) + 80 * np.sin(6 * xx[..., None] * rng.uniform(0.5, 2, 3))
-        img = img + 60 * np.cos(5 * yy[..., None]) + rng.normal(0, 8, (h, w, 3))
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"img{i}.png")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from keras_files import save_downloaded_layout, tiny_vgg
+    from photos import write_photos
 
     from vggnorm.collect import collect_stats
     from vggnorm.data import Decode, load_image
@@ -226,7 +216,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from vggnorm.weights_io import read_weights
 
     root = tmp_path_factory.mktemp("report")
-    _photos(root / "images")
+    write_photos(root / "images", [f"img{i}.png" for i in range(6)])
     weights = save_downloaded_layout(tiny_vgg(include_top=False, size=SIZE), root / "vgg16.h5")
     record = collect_stats(weights, root / "images", decode=Decode(SIZE), workers=1)
     normalize(weights, root / "vgg16_norm.h5", record)
