@@ -3,7 +3,7 @@
 The network is rebuilt from the architecture table and the parsed weight arrays, so no code from a
 model file ever runs. Images enter as uint8 RGB; preprocessing runs inside the compiled graph. The
 stats model reduces every conv's post-ReLU activations to per-filter sum and sum of squares on the
-device (float32 along each image row, float64 beyond), so only a few KB per batch reach the host,
+device (along each image row in the activation's dtype, float64 beyond), so only a few KB per batch reach the host,
 where :mod:`vggnorm.stats` accumulates them in float64.
 """
 
