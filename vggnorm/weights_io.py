@@ -355,23 +355,25 @@ def _zip_config(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _describe(f: Any, p: Path, fmt: Format) -> WeightFile:
+    _refuse_links(f)
+    if fmt in ("legacy-h5", "legacy-h5-model"):
+        layers = _read_legacy(f, "model_weights" if fmt == "legacy-h5-model" else "")
+        config = _json_attr(f, "model_config") if fmt == "legacy-h5-model" else None
+    else:
+        layers = _read_keras3(f)
+        config = _zip_config(p) if fmt == "keras-zip" else None
+    if not layers:
+        raise WeightFileError(f"{p}: the file holds no layer with weights")
+    return WeightFile(p, fmt, layers, config, _read_provenance(f), tuple(sorted(f.attrs)))
+
+
 def inspect_weights(path: str | os.PathLike[str]) -> WeightFile:
     """Describe a weight file (layout, layers, shapes, config, provenance) without its arrays."""
     p = Path(path)
     fmt = detect_format(p)
     with _h5_of(p, fmt) as f:
-        _refuse_links(f)
-        if fmt in ("legacy-h5", "legacy-h5-model"):
-            layers = _read_legacy(f, "model_weights" if fmt == "legacy-h5-model" else "")
-            config = _json_attr(f, "model_config") if fmt == "legacy-h5-model" else None
-        else:
-            layers = _read_keras3(f)
-            config = _zip_config(p) if fmt == "keras-zip" else None
-        provenance = _read_provenance(f)
-        root_attrs = tuple(sorted(f.attrs))
-    if not layers:
-        raise WeightFileError(f"{p}: the file holds no layer with weights")
-    return WeightFile(p, fmt, layers, config, provenance, root_attrs)
+        return _describe(f, p, fmt)
 
 
 def read_weights(path: str | os.PathLike[str]) -> WeightSet:
@@ -392,9 +394,11 @@ def read_weights(path: str | os.PathLike[str]) -> WeightSet:
         >>> ws.arrays["block1_conv1/kernel"].shape  # doctest: +SKIP
         (3, 3, 3, 64)
     """
-    wf = inspect_weights(path)
+    p = Path(path)
+    fmt = detect_format(p)
     arrays: dict[str, np.ndarray] = {}
-    with _h5_of(wf.path, wf.format) as f:
+    with _h5_of(p, fmt) as f:  # one open (for .keras: one extraction) for both
+        wf = _describe(f, p, fmt)
         for entry in wf.layers:
             for key, ds_path in zip(entry.keys(), entry.datasets):
                 try:
