@@ -8,11 +8,13 @@ the model name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Literal, Union
 
 PoolKind = Literal["max", "avg"]
 Reduce = Literal["flatten", "gap", "gmp"]
+FlattenOrder = Literal["hwc", "chw"]  # Keras flattens (H, W, C); PyTorch (C, H, W)
+Padding = Literal["zero", "reflect"]
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,6 @@ class NormSpec:
     epsilon: float = 1e-3
     center: bool = True
     scale: bool = True
-
-    def weight_index(self, part: str) -> int | None:
-        """Position of ``gamma``/``beta``/``moving_mean``/``moving_variance`` in Keras's order."""
-        order = (["gamma"] if self.scale else []) + (["beta"] if self.center else [])
-        order += ["moving_mean", "moving_variance"]
-        return order.index(part) if part in order else None
 
 
 @dataclass(frozen=True)
@@ -87,6 +83,7 @@ class HeadSpec:
     layers: tuple[HeadLayer, ...]
     # Flatten heads fix the input size: fc1 reads a (size/32)^2 x C map for stock VGG.
     input_size: int | None = None
+    flatten_order: FlattenOrder = "hwc"
 
     @property
     def dense(self) -> tuple[DenseSpec, ...]:
@@ -103,7 +100,8 @@ class Arch:
     name: str
     features: tuple[FeatureLayer, ...]
     head: HeadSpec | None = None
-    notes: tuple[str, ...] = field(default=())
+    # How every conv pads its input: Keras and torchvision pad with zeros, AdaIN reflects.
+    padding: Padding = "zero"
 
     @property
     def convs(self) -> tuple[ConvSpec, ...]:
@@ -112,6 +110,11 @@ class Arch:
     @property
     def conv_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.convs)
+
+    @property
+    def norms(self) -> dict[str, str]:
+        """conv -> the BatchNormalization between it and its ReLU, where there is one."""
+        return {c.name: c.norm.name for c in self.convs if c.norm is not None}
 
     @property
     def weighted_features(self) -> tuple[str, ...]:
@@ -126,7 +129,7 @@ class Arch:
         return self.head.dense[0].name if self.head and self.head.dense else None
 
     def without_head(self) -> Arch:
-        return Arch(self.name, self.features, None, self.notes)
+        return replace(self, head=None)
 
     def min_size(self) -> int:
         """Smallest square input for which every pooling still has an input of at least 1x1."""
@@ -158,8 +161,6 @@ _IMAGENET_HEAD = HeadSpec(
 
 VGG16 = Arch("vgg16", _vgg_features(_VGG16_BLOCKS), _IMAGENET_HEAD)
 VGG19 = Arch("vgg19", _vgg_features(_VGG19_BLOCKS), _IMAGENET_HEAD)
-VGG16_CONVS = VGG16.conv_names
-VGG19_CONVS = VGG19.conv_names
 
 ARCHS: dict[str, Arch] = {"vgg16": VGG16, "vgg19": VGG19}
 

@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .archs import Arch, ConvSpec, PoolSpec
-from .atomic import atomic_path
+from .archs import ActivationSpec, Arch, ConvSpec, DenseSpec
+from .atomic import atomic_path, output_lock
 from .errors import ArchitectureError, WeightFileError
 from .model import preprocess_images as preprocess_images
 from .stats import LayerStats
@@ -158,7 +158,7 @@ def build_bn_model(
         >>> ws = read_weights("vgg16.h5"); arch = bind(ws.file).arch  # doctest: +SKIP
         >>> model = build_bn_model(arch, ws.arrays, read_stats("s.h5"), size=224)  # doctest: +SKIP
     """
-    from .model import keras_module
+    from .model import build_features, build_head, keras_module, set_weights
 
     stats = stats_by_conv(record, [(c.name, c.filters) for c in arch.convs])
     if size < arch.min_size():
@@ -179,43 +179,26 @@ def build_bn_model(
         )
     keras = keras_module()
     L = keras.layers
-    inputs = keras.Input((size, size, 3), dtype="float32", name="images")
-    x = inputs
-    for spec in arch.features:
-        if isinstance(spec, ConvSpec):
-            x = L.Conv2D(
-                spec.filters,
-                spec.kernel_size,
-                strides=spec.strides,
-                padding=spec.padding,
-                activation="relu",
-                use_bias=spec.use_bias,
-                name=spec.name,
-            )(x)
-            x = L.BatchNormalization(epsilon=epsilon, name=f"{spec.name}_bn")(x)
-        elif isinstance(spec, PoolSpec):
-            pool = L.MaxPooling2D if spec.kind == "max" else L.AveragePooling2D
-            x = pool(spec.pool_size, spec.strides, spec.padding, name=spec.name)(x)
-    if head is not None:
-        reduce = {
-            "flatten": L.Flatten,
-            "gap": L.GlobalAveragePooling2D,
-            "gmp": L.GlobalMaxPooling2D,
-        }[head.reduce]
-        x = reduce(name="flatten" if head.reduce == "flatten" else "head_pool")(x)
-        for d in head.dense:
-            x = L.Dense(d.units, activation=d.activation, use_bias=d.use_bias, name=d.name)(x)
-            if include_top_bn and d.activation == "relu":
-                x = L.BatchNormalization(epsilon=epsilon, name=f"{d.name}_bn")(x)
-    model = keras.Model(inputs, x, name=f"{arch.name}_bn")
 
-    names = list(arch.conv_names) + ([d.name for d in head.dense] if head is not None else [])
+    def conv_bn(conv: ConvSpec, x: Any) -> Any:
+        return L.BatchNormalization(epsilon=epsilon, name=f"{conv.name}_bn")(x)
+
+    def dense_bn(dense: DenseSpec, x: Any) -> Any:
+        if include_top_bn and dense.activation == "relu":
+            return L.BatchNormalization(epsilon=epsilon, name=f"{dense.name}_bn")(x)
+        return x
+
+    inputs = keras.Input((size, size, 3), dtype="float32", name="images")
+    x, _ = build_features(keras, arch, inputs, after_relu=conv_bn)
+    if head is not None:
+        x = build_head(keras, head, x, after=dense_bn)
+    model = keras.Model(inputs, x, name=f"{arch.name}_bn")
+    names = list(arch.conv_names)
+    if head is not None:
+        names += [h.name for h in head.layers if not isinstance(h, ActivationSpec)]
     for name in names:
-        values = [arrays[f"{name}/kernel"]]
-        if f"{name}/bias" in arrays:
-            values.append(arrays[f"{name}/bias"])
         try:
-            model.get_layer(name).set_weights([np.asarray(v, dtype=np.float32) for v in values])
+            set_weights(model, [name], arrays)
         except ValueError as e:
             raise ArchitectureError(
                 f"layer {name!r}: the weights do not fit a {size}x{size} input ({e})"
@@ -263,10 +246,9 @@ def write_bn_model(
     Example:
         >>> write_bn_model("vgg16.h5", "vggnorm-stats.h5", "vgg16_bn.keras")  # doctest: +SKIP
     """
-    from .normalize import check_fingerprint
+    from .atomic import check_output
+    from .pipeline import check_fingerprint, load
     from .statsfile import read_stats
-    from .topology import bind
-    from .weights_io import check_new_file, read_weights
 
     src, out = Path(src_weights_path), Path(out_path)
     if out.suffix != ".keras":
@@ -274,17 +256,18 @@ def write_bn_model(
             f"--out {out.name} must end in .keras: the BN model is a whole Keras model "
             "(architecture and weights), which Keras saves only as .keras"
         )
-    check_new_file(src, out, force)
-    ws = read_weights(src)
-    bound = bind(ws.file, model)
-    with_norm = [c.name for c in bound.arch.convs if c.norm is not None]
+    check_output(out, force=force, inputs=[src], error=WeightFileError)
+    loaded = load(src, model)
+    with_norm = list(loaded.bound.arch.norms)
     if with_norm:
         raise ArchitectureError(
             f"conv layer {with_norm[0]!r} already has a BatchNormalization before its ReLU; "
             "vggnorm bn builds BatchNorm VGGs from plain ones"
         )
     record = read_stats(stats_path)
-    check_fingerprint(ws, bound, record, "--in")
+    check_fingerprint(loaded, record, "--in")
+    bound = loaded.bound
+    ws = loaded.weights
     arch = bound.arch
     if size is None:
         head = arch.head
@@ -308,7 +291,7 @@ def write_bn_model(
 def _save_keras_atomic(net: Any, out: Path) -> None:
     # Keras picks the writer by suffix, so the temporary file must end in .keras too.
     try:
-        with atomic_path(out, suffix=".keras") as tmp:
+        with output_lock(out), atomic_path(out, suffix=".keras") as tmp:
             net.save(str(tmp), overwrite=True)
     except OSError as e:
         raise WeightFileError(f"could not write {out}: {e.strerror or e}") from e

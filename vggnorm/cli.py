@@ -46,36 +46,112 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _default_workers() -> int:
+    """Decoding threads: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on every platform
+        return max(1, os.cpu_count() or 1)
+
+
+def _flag_parents() -> dict[str, argparse.ArgumentParser]:
+    """Options several commands share, each declared once."""
+
+    def parent() -> argparse.ArgumentParser:
+        return argparse.ArgumentParser(add_help=False)
+
+    common = parent()
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="show tracebacks and debug logs"
+    )
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only errors")
+    force = parent()
+    force.add_argument("--force", action="store_true", help="overwrite an existing output")
+    stats = parent()
+    stats.add_argument(
+        "--stats",
+        metavar="PATH",
+        default=DEFAULT_STATS,
+        help=f"stats file (default {DEFAULT_STATS})",
+    )
+    model = parent()
+    model.add_argument(
+        "--model",
+        choices=["vgg16", "vgg19"],
+        help="vgg16 or vgg19, only needed if the weight file cannot tell",
+    )
+    ray = parent()
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the forward passes on a Ray cluster: ADDRESS as ray.init takes it "
+        "(auto, ray://host:10001); without ADDRESS a local cluster of this machine "
+        "(needs pip install 'vggnorm[ray]')",
+    )
+    ray.add_argument(
+        "--ray-workers",
+        type=_positive_int,
+        metavar="N",
+        help="workers (default: one per GPU of the cluster, else one per group of "
+        "--ray-cpus-per-worker CPUs)",
+    )
+    ray.add_argument(
+        "--ray-cpus-per-worker",
+        type=_positive_int,
+        default=2,
+        metavar="K",
+        help="CPUs per worker for decoding and, without GPUs, the forward pass (default 2)",
+    )
+    batch = parent()
+    batch.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="images per forward pass (default 16)",
+    )
+    return {"common": common, "force": force, "stats": stats, "model": model, "ray": ray,
+            "batch": batch}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``vggnorm`` argument parser: one sub-parser per command."""
     fmt = lambda prog: argparse.HelpFormatter(prog, max_help_position=34)  # noqa: E731
     parser = argparse.ArgumentParser(
         prog="vggnorm",
-        description="Rescale Keras VGG16/VGG19 weights so that every conv filter's mean activation "
-        "over an image dataset is 1, without changing what the network computes.",
+        description="Rescale VGG16/VGG19 weights (Keras or PyTorch files) so that every conv "
+        "filter's mean activation over an image dataset is 1, without changing what the network "
+        "computes.",
         epilog="typical use, in one directory: vggnorm stats --data coco/; "
         "vggnorm apply --in vgg16.h5 --out vgg16_norm.h5; vggnorm verify. "
         "Exit codes: 0 ok, 1 error, 2 usage, 3 verification failed, 130 interrupted.",
         formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"vggnorm {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-v", "--verbose", action="store_true", help="show tracebacks and debug logs"
-    )
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only errors")
+    f = _flag_parents()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def command(
+        name: str, parents: list[str], help: str, description: str
+    ) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[f["common"], *(f[p] for p in parents)],
+                              formatter_class=fmt, help=help, description=description)  # fmt: skip
+
     # stats ------------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "stats", parents=[common], formatter_class=fmt,
-        help="gather per-filter activation statistics over an image dataset",
-        description="Stream images through the VGG conv layers and record, per filter, the exact "
-        "float64 sum and sum of squares of its post-ReLU activations.",
-    )  # fmt: skip
+    p = command("stats", ["model", "force", "batch", "ray"],
+        "gather per-filter activation statistics over an image dataset",
+        "Stream images through the VGG conv layers and record, per filter, the exact float64 sum "
+        "and sum of squares of its post-ReLU activations.")  # fmt: skip
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="PATH", required=True,
-                   help="COCO root (with annotations/instances_*.json), ImageNet-style class "
-                   "folders, any image folder (recursive) or a text file listing image paths")  # fmt: skip
+    g.add_argument(
+        "--data",
+        metavar="PATH",
+        required=True,
+        help="COCO root (with annotations/instances_*.json), ImageNet-style class "
+        "folders, any image folder (recursive) or a text file listing image paths",
+    )
     g.add_argument(
         "--annotations",
         metavar="FILE",
@@ -102,12 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument(
-        "--model", choices=["vgg16", "vgg19"], help="default: detected from --weights, else vgg16"
-    )
-    g.add_argument(
         "--weights",
         metavar="PATH",
-        help="Keras weight file (.h5, .weights.h5, .keras); default: Keras's ImageNet weights, downloaded and cached like keras.applications",
+        help="weight file: Keras (.h5, .weights.h5, .keras) or PyTorch (.safetensors, "
+        ".pth); default: Keras's ImageNet weights, downloaded and cached like "
+        "keras.applications",
     )
     g = p.add_argument_group("images")
     g.add_argument(
@@ -126,14 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--preprocess",
         choices=["caffe", "unit", "torch"],
-        default="caffe",
-        help="caffe (default; what keras.applications VGG expects): RGB->BGR minus ImageNet mean; unit: /255; torch: /255 then ImageNet mean/std",
+        help="caffe (keras.applications VGG and Gatys's vgg_conv.pth): RGB->BGR minus "
+        "the ImageNet mean; unit: /255; torch (torchvision): /255 then ImageNet "
+        "mean/std (default: the weight file's layout's own, caffe for Keras files)",
     )
     g.add_argument(
-        "--no-draft",
-        dest="draft",
-        action="store_false",
-        help="decode JPEGs at full resolution (default: DCT-domain downscale, never below --size)",
+        "--draft",
+        action="store_true",
+        help="decode JPEGs in the DCT domain at 1/2, 1/4 or 1/8 scale (never below "
+        "--size) before the resize: faster, but moves per-filter means by 0.4-1.3%% "
+        "median per layer on VGG16 (default: full decode, the standard statistics)",
     )
     g = p.add_argument_group("run")
     g.add_argument(
@@ -142,29 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_STATS,
         help=f"stats file to write (default {DEFAULT_STATS})",
     )
-    g.add_argument("--force", action="store_true", help="overwrite an existing --out")
     g.add_argument(
-        "--resume", action="store_true", help="continue the interrupted run saved in --out"
-    )
-    g.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=16,
-        metavar="N",
-        help="images per forward pass (default 16)",
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --out; a missing file starts one, a complete "
+        "one with the same settings is left as it is (safe in job scripts)",
     )
     g.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
         default="fp32",
-        help="fp32 (default, exact to float rounding) or bf16 activations (faster on AMX CPUs and GPUs; ~2%% worst-filter error)",
+        help="fp32 (default, exact to float rounding) or bf16 activations (faster on "
+        "GPUs; ~2%% worst-filter error)",
     )
     g.add_argument(
         "--workers",
         type=_positive_int,
-        default=2,
+        default=_default_workers(),
         metavar="N",
-        help="image decoding threads (default 2)",
+        help=f"image decoding threads (default: the cores available, {_default_workers()})",
     )
     g.add_argument(
         "--checkpoint-every",
@@ -175,12 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # apply ------------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "apply", parents=[common], formatter_class=fmt,
-        help="write a normalized copy of a weight file",
-        description="Divide each conv filter by its mean activation, compensate the next layer's "
-        "inputs, and write the result in the input's format with its provenance.",
-    )  # fmt: skip
+    p = command("apply", ["stats", "model", "force"], "write a normalized copy of a weight file",
+        "Divide each conv filter by its mean activation, compensate the next layer's inputs, and "
+        "write the result in the input's format and layout, with its provenance.")  # fmt: skip
     p.add_argument(
         "--in",
         dest="src",
@@ -193,28 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="dst",
         metavar="PATH",
         required=True,
-        help="file to write; same suffix as --in",
+        help="file to write; same format as --in",
     )
-    p.add_argument(
-        "--stats",
-        metavar="PATH",
-        default=DEFAULT_STATS,
-        help=f"stats file (default {DEFAULT_STATS})",
-    )
-    p.add_argument(
-        "--model", choices=["vgg16", "vgg19"], help="only needed if the file cannot tell"
-    )
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--json", action="store_true", help="print the provenance as JSON")
 
     # verify -----------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "verify", parents=[common], formatter_class=fmt,
-        help="prove the normalized file computes the same function and has unit means",
-        description="Compare every conv activation of the normalized and original networks on a "
-        "few stats images, then re-measure the normalized means over the stats images. "
-        f"Exit code {EXIT_VERIFY} when a check fails.",
-    )  # fmt: skip
+    p = command("verify", ["batch", "ray"],
+        "prove the normalized file computes the same function and has unit means",
+        "Compare every conv activation of the normalized and original networks on a few stats "
+        "images, then re-measure the normalized means over the stats images. "
+        f"Exit code {EXIT_VERIFY} when a check fails.")  # fmt: skip
     p.add_argument(
         "--in",
         dest="normalized",
@@ -228,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit",
         type=_positive_int,
         metavar="N",
-        help="re-measure means on the first N stats images only (then means are reported, not judged)",
+        help="re-measure means on the first N stats images only (then means are "
+        "reported, not judged)",
     )
     p.add_argument(
         "--check-images",
@@ -238,11 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="images for the activation-by-activation comparison (default 8)",
     )
     p.add_argument(
-        "--batch-size",
+        "--workers",
         type=_positive_int,
-        default=16,
+        default=_default_workers(),
         metavar="N",
-        help="images per forward pass (default 16)",
+        help="image decoding threads (default: the cores available)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -250,13 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # merge ------------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "merge", parents=[common], formatter_class=fmt,
-        help="combine stats files of disjoint image sets (e.g. shards) exactly",
-        description="Add the sums, sums of squares and counts of complete stats runs over "
-        "disjoint images of the same model and settings (for example the files of "
-        "`vggnorm stats --shard I/N` for every I).",
-    )  # fmt: skip
+    p = command("merge", ["force"],
+        "combine stats files of disjoint image sets (e.g. shards) exactly",
+        "Add the sums, sums of squares and counts of complete stats runs over disjoint images of "
+        "the same model and settings (for example the files of `vggnorm stats --shard I/N` for "
+        "every I).")  # fmt: skip
     p.add_argument("inputs", nargs="+", metavar="STATS", help="stats files to merge (two or more)")
     p.add_argument(
         "--out",
@@ -264,24 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_STATS,
         help=f"merged stats file (default {DEFAULT_STATS})",
     )
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
 
     # report -----------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "report", parents=[common], formatter_class=fmt,
-        help="plot what normalization did: per-layer means, dead filters, loss spread",
-        description="Write a PNG figure and a JSON summary from a stats file: the per-filter "
-        "mean activations of every conv layer before normalization (log scale) and after, dead "
-        "and near-dead filters, and with --weights the per-layer style (Gram) and content loss "
-        "magnitudes on a pair of images before and after, with how much their spread shrank. "
-        "Needs matplotlib (pip install 'vggnorm[plot]').",
-    )  # fmt: skip
-    p.add_argument(
-        "--stats",
-        metavar="PATH",
-        default=DEFAULT_STATS,
-        help=f"stats file (default {DEFAULT_STATS})",
-    )
+    p = command("report", ["stats", "force"],
+        "plot what normalization did: per-layer means, dead filters, loss spread",
+        "Write a PNG figure and a JSON summary from a stats file: the per-filter mean activations "
+        "of every conv layer before normalization (log scale) and after, dead and near-dead "
+        "filters, and with --weights the per-layer style (Gram) and content loss magnitudes on a "
+        "pair of images before and after, with how much their spread shrank. Needs matplotlib "
+        "(pip install 'vggnorm[plot]').")  # fmt: skip
     p.add_argument(
         "--weights",
         metavar="PATH",
@@ -304,29 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="vggnorm-report.png",
         help="figure to write (default vggnorm-report.png); the JSON goes beside it",
     )
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
     # bn ---------------------------------------------------------------------------------------
-    p = sub.add_parser(
-        "bn", parents=[common], formatter_class=fmt,
-        help="build the VGG with identity-initialised BatchNorm after every conv, for fine-tuning",
-        description="Insert a BatchNormalization after every ReLU conv, initialised from the "
-        "stats (moving mean/variance = the recorded mean/variance, gamma = sqrt(var + eps), "
-        "beta = mean) so that in inference mode the network computes exactly what it did. The "
-        "model takes preprocessed float32 images (as --preprocess of the stats).",
-    )  # fmt: skip
+    p = command("bn", ["stats", "model", "force"],
+        "build the VGG with identity-initialised BatchNorm after every conv, for fine-tuning",
+        "Insert a BatchNormalization after every ReLU conv, initialised from the stats (moving "
+        "mean/variance = the recorded mean/variance, gamma = sqrt(var + eps), beta = mean) so that "
+        "in inference mode the network computes exactly what it did. The model takes preprocessed "
+        "float32 images (as --preprocess of the stats).")  # fmt: skip
     p.add_argument(
         "--in",
         dest="src",
         metavar="PATH",
         required=True,
         help="weight file the stats were gathered on",
-    )
-    p.add_argument(
-        "--stats",
-        metavar="PATH",
-        default=DEFAULT_STATS,
-        help=f"stats file (default {DEFAULT_STATS})",
     )
     p.add_argument(
         "--out", dest="dst", metavar="PATH", required=True, help="model to write (.keras)"
@@ -342,11 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also put (identity) BatchNorm after the ReLU Dense layers of the top",
     )
-    p.add_argument(
-        "--model", choices=["vgg16", "vgg19"], help="only needed if the file cannot tell"
-    )
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    _add_torch_commands(command)
     return parser
+
+
+def _add_torch_commands(command: Any) -> None:
+    """``export`` and ``compare``: PyTorch layouts and checking a claimed normalized file."""
 
 
 @dataclass(frozen=True)
@@ -382,35 +422,39 @@ def _say(args: argparse.Namespace, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _cmd_stats(args: argparse.Namespace) -> int:
-    from .collect import collect_stats
-    from .data import Decode, open_dataset
-    from .statsfile import summary_lines
+def _engine(args: argparse.Namespace) -> Any:
+    """The Ray engine when ``--ray`` is given, else None (run here)."""
+    if getattr(args, "ray", None) is None:
+        return None
+    from .ray_engine import RayEngine
 
-    out = Path(args.out)
-    if out.exists() and not (args.force or args.resume):
-        raise VggnormError(
-            f"{out} already exists; pass --force to overwrite or --resume to continue it"
-        )
+    address = None if args.ray == "local" else args.ray
+    return RayEngine(address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                     batch_size=args.batch_size, report=lambda line: _say(args, line))  # fmt: skip
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .collect import collect_stats, summary_lines
+    from .data import Decode, open_dataset
+
     ds = open_dataset(args.data, annotations=args.annotations, split=args.split)
     _say(args, f"found {ds.describe()}")
-    for note in ds.notes:
-        _say(args, f"warning: {note}")
+    engine = _engine(args)
     with _progress(args.quiet, "stats") as bar:
         record = collect_stats(
             args.weights, ds, model=args.model,
             decode=Decode(args.size, args.resize, "bilinear", args.draft),
             preprocess=args.preprocess, precision=args.precision, batch_size=args.batch_size,
-            limit=args.limit, shard=args.shard, workers=args.workers, out=out,
-            checkpoint_seconds=args.checkpoint_every, resume=args.resume, strict=args.strict,
-            progress=bar,
+            limit=args.limit, shard=args.shard, workers=args.workers, out=Path(args.out),
+            checkpoint_seconds=args.checkpoint_every, resume=args.resume, force=args.force,
+            strict=args.strict, progress=bar, engine=engine,
         )  # fmt: skip
     skips = record.skip_counts()
     skipped = ", ".join(f"{n} {r}" for r, n in sorted(skips.items())) or "none"
     _say(args, f"{record.meta.model}: {record.n_images} images counted, skipped: {skipped}")
     if not args.quiet:
         print("\n".join(summary_lines(record)))
-    _say(args, f"wrote {out}")
+    _say(args, f"wrote {args.out}")
     return EXIT_OK
 
 
@@ -428,16 +472,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         LAST_APPLY.write_text(json.dumps(record, indent=2) + "\n", encoding="utf8")
     if args.json:
         print(json.dumps(result.provenance, indent=2))
-    dead = result.scales.n_dead
+    head = result.provenance["head_dense"]
     _say(
         args,
         f"normalized {len(result.scales.layers)} conv layers of {result.bound.arch.name}"
-        + (
-            f", compensated {result.provenance['head_dense']}"
-            if result.provenance["head_dense"]
-            else ""
-        )
-        + f"; {dead} dead filter(s) kept scale 1",
+        + (f", compensated {head}" if head else "")
+        + f"; {result.scales.n_dead} dead filter(s) kept scale 1",
     )
     for name, idx in result.scales.dead.items():
         if len(idx):
@@ -459,91 +499,48 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     with _progress(args.quiet, "verify") as bar:
         report = verify(
             normalized, args.original, args.stats, data=args.data, limit=args.limit,
-            check_images=args.check_images, batch_size=args.batch_size, progress=bar,
+            check_images=args.check_images, batch_size=args.batch_size, workers=args.workers,
+            progress=bar, engine=_engine(args),
         )  # fmt: skip
     if args.plot:
-        from .report import write_verify_figure
+        from .report_plot import write_verify_figure
 
         write_verify_figure(report, args.plot)
-    if args.json:
-        print(report.to_json())
-    else:
-        print(report.table())
-        if report.predictions:
-            p = report.predictions
-            print(
-                f"predictions on {int(p['images'])} images: max abs err {p['max_abs_err']:.3g}, "
-                f"max rel err {p['max_rel_err']:.3g}, top-1 agreement {p['top1_agreement']:.1%}"
-            )
-        for note in report.notes:
-            print(f"note: {note}")
-        means = {True: "ok", False: "FAILED", None: "not judged"}[report.means_ok]
-        print(
-            f"same function ({report.function_images} images, tol {report.function_tol:g}): "
-            f"{'ok' if report.function_ok else 'FAILED'}; means = 1 ({report.means_images} of "
-            f"{report.stats_images} stats images, tol {report.means_tol:g}): {means}"
-        )
+    print(report.to_json() if args.json else report.summary())
     return EXIT_OK if report.ok else EXIT_VERIFY
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .statsfile import merge_records, read_stats, write_stats
+    from .merge import merge_files
 
-    out = Path(args.out)
-    if any(out.exists() and Path(i).exists() and os.path.samefile(i, out) for i in args.inputs):
-        raise VggnormError(f"--out {out} is one of the inputs; write the merge to a new file")
-    if out.exists() and not args.force:
-        raise VggnormError(f"{out} already exists; pass --force to overwrite it")
-    merged = merge_records([read_stats(p) for p in args.inputs], args.inputs)
-    write_stats(out, merged)
+    merged = merge_files(args.inputs, args.out, force=args.force)
     shard = "" if merged.meta.shard == (0, 1) else " (the shards do not cover a whole selection)"
-    _say(args, f"merged {len(args.inputs)} files: {merged.n_images} images{shard}; wrote {out}")
+    _say(
+        args, f"merged {len(args.inputs)} files: {merged.n_images} images{shard}; wrote {args.out}"
+    )
     return EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import summary_text, write_report
+    from .atomic import check_output
+    from .report import loss_spread_for, summary_text, write_report
     from .statsfile import read_stats
 
     out_png = Path(args.out)
     out_json = out_png.with_suffix(".json")
     for path in (out_png, out_json):
-        if path.exists() and not args.force:
-            raise VggnormError(f"{path} already exists; pass --force to overwrite it")
+        check_output(path, force=args.force)
     record = read_stats(args.stats)
-    style = _style(args, record) if args.weights else None
+    style = None
+    if args.weights:
+        style = loss_spread_for(
+            args.weights, record, images=args.images, normalized=args.normalized
+        )
     report = write_report(record, out_png, out_json, style=style)
     if not args.quiet:
         print("\n".join(summary_text(report)))
     _say(args, f"wrote {out_png} and {out_json}")
     return EXIT_OK
-
-
-def _style(args: argparse.Namespace, record: Any) -> Any:
-    import numpy as np
-
-    from .data import Decode, load_image
-    from .normalize import check_fingerprint, scales_for
-    from .report import style_content_spread
-    from .topology import bind
-    from .weights_io import read_weights
-
-    ws = read_weights(args.weights)
-    bound = bind(ws.file)
-    check_fingerprint(ws, bound, record, "--weights")
-    meta = record.meta
-    decode = Decode(meta.size, meta.resize, meta.interpolation, meta.draft)
-    paths = [Path(p) for p in args.images] if args.images else [
-        Path(meta.dataset_root) / item for item in record.images[:2]
-    ]  # fmt: skip
-    if len(paths) < 2:
-        raise VggnormError("the loss panel needs two images; pass --images A B")
-    images = np.stack([load_image(p, decode) for p in paths])
-    norm = read_weights(args.normalized).arrays if args.normalized else None
-    arch = bound.arch.without_head()
-    return style_content_spread(
-        arch, ws.arrays, norm, scales_for(record, bound), images, meta.preprocess
-    )
 
 
 def _cmd_bn(args: argparse.Namespace) -> int:
@@ -571,6 +568,14 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # handled like Ctrl-C: save progress, then exit
 
 
+def _fail(args: argparse.Namespace, label: str, message: str, code: int) -> int:
+    """The one place an error becomes a line on stderr and an exit code."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"{label} {message}".rstrip(), file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv``; returns the exit code."""
     parser = build_parser()
@@ -583,21 +588,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except Interrupted as e:
-        print(f"INTERRUPTED {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(args, "INTERRUPTED", str(e), e.exit_code)
     except KeyboardInterrupt:
-        print("INTERRUPTED", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(args, "INTERRUPTED", "", EXIT_INTERRUPTED)
     except VggnormError as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"ERROR {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except ImportError as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"ERROR {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(args, "ERROR", str(e), e.exit_code)
+    except ImportError as e:  # an optional dependency is missing; the message says which
+        return _fail(args, "ERROR", str(e), EXIT_ERROR)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

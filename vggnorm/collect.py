@@ -2,61 +2,39 @@
 
 from __future__ import annotations
 
-import datetime as _dt
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from . import __version__
-from .data import Dataset, Decode, items_sha256, iter_batches, open_dataset, select
+from .atomic import check_output, output_lock
+from .data import Dataset, Decode, items_sha256, open_dataset, select
 from .errors import DatasetError, Interrupted, StatsError, VggnormError
-from .model import Precision, Preprocess
-from .stats import accumulate, empty_stats
+from .measure import Counted, feature_net, measure
+from .pipeline import (
+    Loaded,
+    Progress,
+    decode_of,
+    default_preprocess,
+    load,
+    now,
+    resolve_weights,
+)
+from .rescale import DEAD_THRESHOLD
+from .stats import empty_stats
 from .statsfile import StatsMeta, StatsRecord, read_stats, same_settings, write_stats
-from .topology import Bound, bind, fingerprint
-from .weights_io import WeightSet, read_weights
+
+if TYPE_CHECKING:
+    from .model import Precision, Preprocess
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where a run stands, passed to the progress callback after every batch."""
-
-    done: int  # items of the selection consumed (images counted + skipped)
-    total: int
-    images: int
-    skipped: int
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def resolve_weights(weights: str | os.PathLike[str] | None, model: str | None) -> Path:
-    """``weights``, or Keras's cached ImageNet file for ``model`` (downloaded if missing)."""
-    if weights is not None:
-        return Path(weights)
-    from .model import fetch_imagenet_weights
-
-    name = model or "vgg16"
-    try:
-        return Path(fetch_imagenet_weights(name, include_top=False))
-    except Exception as e:  # network errors come in many types; all mean the same here
-        raise VggnormError(
-            f"could not fetch Keras's ImageNet {name} weights ({type(e).__name__}: {e}); "
-            "download them elsewhere or pass --weights PATH"
-        ) from e
-
-
-def load_model_weights(
-    weights: str | os.PathLike[str] | None, model: str | None
-) -> tuple[WeightSet, Bound]:
-    ws = read_weights(resolve_weights(weights, model))
-    return ws, bind(ws.file, model)
 
 
 def collect_stats(
@@ -67,7 +45,7 @@ def collect_stats(
     annotations: str | os.PathLike[str] | None = None,
     split: str | None = None,
     decode: Decode | None = None,
-    preprocess: Preprocess = "caffe",
+    preprocess: Preprocess | None = None,
     precision: Precision = "fp32",
     batch_size: int = 16,
     limit: int | None = None,
@@ -76,8 +54,10 @@ def collect_stats(
     out: str | os.PathLike[str] | None = None,
     checkpoint_seconds: float = 300.0,
     resume: bool = False,
+    force: bool = False,
     strict: bool = False,
     progress: Callable[[Progress], None] | None = None,
+    engine: Any = None,
 ) -> StatsRecord:
     """Gather exact per-filter activation statistics of a VGG over an image dataset.
 
@@ -93,9 +73,13 @@ def collect_stats(
         shard: ``(i, n)``: this run covers every n-th image starting at i.
         workers: decoding threads.
         out: stats file to write; also checkpointed every ``checkpoint_seconds``.
-        resume: continue the incomplete run in ``out``.
+        resume: continue the run saved in ``out``: a missing file starts a new run, a complete
+            one with the same settings is returned unchanged; other settings are refused.
+        force: overwrite an existing ``out`` (without ``resume``).
         strict: any unusable image is an error instead of a counted skip.
         progress: called after every batch.
+        engine: where the batches run; None runs them here. :func:`vggnorm.ray_engine.engine`
+            spreads them over a Ray cluster with the same result.
 
     Returns:
         The complete :class:`StatsRecord` (also written to ``out`` when given).
@@ -104,29 +88,57 @@ def collect_stats(
         DatasetError, WeightFileError, ArchitectureError, StatsError: bad input.
         Interrupted: KeyboardInterrupt/SIGTERM; the progress so far was saved to ``out``.
     """
-    from .model import FeatureNet, backend_description
-
     decode = decode or Decode()
-    ws, bound = load_model_weights(weights, model)
-    arch = bound.arch
-    if decode.size < arch.min_size():
-        raise VggnormError(
-            f"--size {decode.size} is too small for {arch.name}: at least {arch.min_size()}"
+    out_path = Path(out) if out is not None else None
+    resuming = bool(resume and out_path is not None and out_path.exists())
+    with output_lock(out_path) if out_path else contextlib.nullcontext():
+        if out_path is not None:  # found now, not at the first checkpoint minutes later
+            check_output(out_path, force=force or resuming, error=StatsError)
+        loaded = load(resolve_weights(weights, model), model)
+        arch = loaded.bound.arch
+        if decode.size < arch.min_size():
+            raise VggnormError(
+                f"image size {decode.size} is too small for {arch.name}: at least {arch.min_size()}"
+            )
+        ds = (
+            data
+            if isinstance(data, Dataset)
+            else open_dataset(data, annotations=annotations, split=split)
         )
-    ds = (
-        data
-        if isinstance(data, Dataset)
-        else open_dataset(data, annotations=annotations, split=split)
-    )
-    for note in ds.notes:
-        log.warning("%s", note)
-    items = select(ds.items, limit, shard)
-    if not items:
-        raise DatasetError(f"shard {shard[0]}/{shard[1]} of {ds.describe()} is empty")
-    meta = StatsMeta(
-        model=arch.name,
-        fingerprint=fingerprint(ws.arrays, arch.weighted_features),
-        weights=str(Path(ws.file.path).resolve()),
+        for note in ds.notes:
+            log.warning("%s", note)
+        items = select(ds.items, limit, shard)
+        if not items:
+            raise DatasetError(f"shard {shard[0]}/{shard[1]} of {ds.describe()} is empty")
+        meta = new_meta(loaded, ds, items, decode=decode, precision=precision, limit=limit,
+                        shard=shard, preprocess=preprocess or default_preprocess(loaded))  # fmt: skip
+        start = StatsRecord(meta, empty_stats((c.name, c.filters) for c in arch.convs), ())
+        if resuming:
+            assert out_path is not None
+            start = _resumed(out_path, meta)
+            if start.meta.complete:
+                log.warning("%s is already complete with these settings; nothing to do", out_path)
+                return start
+        return _run(loaded, ds, items, start, out_path, batch_size, workers, strict, progress,
+                    checkpoint_seconds, engine)  # fmt: skip
+
+
+def new_meta(
+    loaded: Loaded,
+    ds: Dataset,
+    items: Sequence[str],
+    *,
+    decode: Decode,
+    preprocess: str,
+    precision: str,
+    limit: int | None,
+    shard: tuple[int, int],
+) -> StatsMeta:
+    """The identity of a run over ``items`` of ``ds`` (what resume and merge compare)."""
+    return StatsMeta(
+        model=loaded.bound.arch.name,
+        fingerprint=loaded.fingerprint(),
+        weights=str(loaded.path.resolve()),
         size=decode.size,
         resize=decode.resize,
         interpolation=decode.interpolation,
@@ -144,75 +156,11 @@ def collect_stats(
         shard=shard,
         tool_version=__version__,
         created=now(),
-    )
-    conv_filters = [(c.name, c.filters) for c in arch.convs]
-    record = StatsRecord(meta, empty_stats(conv_filters), (), ())
-    out_path = Path(out) if out is not None else None
-    if out_path is not None and not out_path.parent.is_dir():
-        raise StatsError(f"{out_path.parent}: output directory does not exist")
-    if resume:
-        record = _resumed(out_path, meta)
-    net = FeatureNet(arch, ws.arrays, decode.size, preprocess, precision)
-    record = record.with_meta(backend=backend_description())
-
-    layers, images, skipped = list(record.layers), list(record.images), list(record.skipped)
-    position = record.meta.position
-    last_save = time.monotonic()
-
-    def snapshot(complete: bool) -> StatsRecord:
-        meta = replace(record.meta, position=position, complete=complete, updated=now())
-        return StatsRecord(meta, tuple(layers), tuple(images), tuple(skipped))
-
-    try:
-        for batch in iter_batches(ds, items, decode, batch_size, start=position, workers=workers):
-            if strict and batch.skipped:
-                _, reason, detail = batch.skipped[0]
-                raise DatasetError(f"{reason}: {detail} (--strict turns skips into errors)")
-            if len(batch.items):
-                sums = net.moments(batch.images)
-                layers = list(
-                    accumulate(
-                        layers,
-                        {k: (v[0], v[1]) for k, v in sums.items()},
-                        {k: v[2] for k, v in sums.items()},
-                    )
-                )
-            # Only after the batch is fully counted does the position move past it.
-            images += batch.items
-            skipped += batch.skipped
-            position = batch.end
-            if progress:
-                progress(Progress(position, len(items), len(images), len(skipped)))
-            if out_path and time.monotonic() - last_save >= checkpoint_seconds:
-                write_stats(out_path, snapshot(False))
-                last_save = time.monotonic()
-    except KeyboardInterrupt as e:
-        if out_path is None:
-            raise Interrupted(
-                f"interrupted after {len(images)} images; nothing saved (no --out)"
-            ) from e
-        write_stats(out_path, snapshot(False))
-        raise Interrupted(
-            f"interrupted after {position} of {len(items)} images; progress saved to {out_path}: "
-            "run the same command with --resume to continue"
-        ) from e
-    if not images:
-        raise DatasetError(
-            f"none of the {len(items)} images could be used ({len(skipped)} skipped: "
-            f"{sorted({r for _, r, _ in skipped})})"
-        )
-    final = snapshot(True)
-    if out_path:
-        write_stats(out_path, final)
-    return final
+    )  # fmt: skip
 
 
-def _resumed(out: Path | None, meta: StatsMeta) -> StatsRecord:
-    if out is None:
-        raise StatsError("--resume needs the stats file (--out) of the interrupted run")
+def _resumed(out: Path, meta: StatsMeta) -> StatsRecord:
     previous = read_stats(out)
-    if previous.meta.complete:
-        raise StatsError(f"{out} is already complete; nothing to resume")
     differ = same_settings(previous.meta, meta)
     if previous.meta.selection_sha256 != meta.selection_sha256:
         differ.append("dataset/limit/shard")
@@ -222,5 +170,70 @@ def _resumed(out: Path | None, meta: StatsMeta) -> StatsRecord:
             "use the original command line, or start afresh without --resume"
         )
     log.info("resuming %s at image %d of %d", out, previous.meta.position, meta.selection_size)
-    resumed = replace(meta, position=previous.meta.position, created=previous.meta.created)
+    resumed = replace(meta, position=previous.meta.position, created=previous.meta.created,
+                      complete=previous.meta.complete, updated=previous.meta.updated)  # fmt: skip
     return StatsRecord(resumed, previous.layers, previous.images, previous.skipped)
+
+
+def _run(
+    loaded: Loaded, ds: Dataset, items: Sequence[str], start: StatsRecord, out: Path | None,
+    batch_size: int, workers: int, strict: bool, progress: Callable[[Progress], None] | None,
+    checkpoint_seconds: float, engine: Any,
+) -> StatsRecord:  # fmt: skip
+    from .model import backend_description
+
+    record = start.with_meta(backend=backend_description())
+    total = Counted(record.layers, record.images, record.skipped, record.meta.position)
+    last_save = time.monotonic()
+
+    def snapshot(complete: bool) -> StatsRecord:
+        meta = replace(record.meta, position=total.end, complete=complete, updated=now())
+        return StatsRecord(meta, total.layers, total.images, total.skipped)
+
+    if engine is None:
+        net = feature_net(loaded, record.meta)
+        stretches = measure(net, ds, items, decode_of(record.meta), batch_size,
+                            start=total.end, workers=workers, strict=strict)  # fmt: skip
+    else:
+        stretches = engine(loaded, ds, items, record.meta, batch_size, total.end, strict)
+    try:
+        for counted in stretches:
+            total = total.plus(counted)
+            if progress:
+                progress(Progress(total.end, len(items), len(total.images), len(total.skipped)))
+            if out and time.monotonic() - last_save >= checkpoint_seconds:
+                write_stats(out, snapshot(False))
+                last_save = time.monotonic()
+    except KeyboardInterrupt as e:
+        if out is None:
+            raise Interrupted(
+                f"interrupted after {len(total.images)} images; nothing saved (no output file)"
+            ) from e
+        write_stats(out, snapshot(False))
+        raise Interrupted(
+            f"interrupted after {total.end} of {len(items)} images; progress saved to {out}: "
+            "run the same command with --resume to continue"
+        ) from e
+    finally:
+        stretches.close()  # stops decoding threads or cluster workers
+    if not total.images:
+        raise DatasetError(
+            f"none of the {len(items)} images could be used ({len(total.skipped)} skipped: "
+            f"{sorted({r for _, r, _ in total.skipped})})"
+        )
+    final = snapshot(True)
+    if out:
+        write_stats(out, final)
+    return final
+
+
+def summary_lines(record: StatsRecord) -> list[str]:
+    """Human-readable per-layer summary of a stats record."""
+    lines = []
+    for s in record.layers:
+        m = s.mean if s.count else np.zeros(s.channels)
+        lines.append(
+            f"{s.name:<16} filters {s.channels:>4}  mean min {m.min():.4g}  "
+            f"median {np.median(m):.4g}  max {m.max():.4g}  dead {int(np.sum(m <= DEAD_THRESHOLD))}"
+        )
+    return lines

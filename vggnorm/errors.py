@@ -1,7 +1,8 @@
 """The one exception family vggnorm raises on purpose.
 
-The CLI turns any :class:`VggnormError` into a one-line ``ERROR ...`` message and exit code 1
-(:class:`VerificationError`: exit code 3). Anything else escaping is a bug.
+The CLI turns any :class:`VggnormError` into a one-line ``ERROR ...`` message and the class's
+``exit_code`` (1; :class:`VerificationError` 3; :class:`Interrupted` 130). Anything else escaping
+is a bug.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 class VggnormError(Exception):
     """Base class: a problem with the user's input, files or environment."""
+
+    exit_code = 1
 
 
 class WeightFileError(VggnormError):
@@ -30,6 +33,14 @@ class StatsError(VggnormError):
 class VerificationError(VggnormError):
     """A normalized file does not compute the same function or its means are not 1."""
 
+    exit_code = 3
+
 
 class Interrupted(VggnormError):
     """The run was interrupted by a signal; what was gathered has been saved."""
+
+    exit_code = 130
+
+
+class OutputError(VggnormError):
+    """An output cannot be written: exists, is an input, locked by another run, no space."""

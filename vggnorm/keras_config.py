@@ -26,7 +26,7 @@ from .archs import (
     PoolSpec,
 )
 from .errors import ArchitectureError
-from .weights_io import WeightFile
+from .weightset import WeightFile
 
 _CONTAINERS = {"Functional", "Sequential", "Model"}
 _IDENTITY = {
@@ -49,6 +49,19 @@ def _layers(config: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield from _layers(layer)
         else:
             yield layer
+
+
+def batchnorm_flags(config: dict[str, Any]) -> dict[str, tuple[bool, bool]]:
+    """``{layer name: (scale, center)}`` of every BatchNormalization in a model config: which of
+    gamma and beta its stored arrays include."""
+    return {
+        str(layer.get("config", {}).get("name")): (
+            bool(layer.get("config", {}).get("scale", True)),
+            bool(layer.get("config", {}).get("center", True)),
+        )
+        for layer in _layers(config)
+        if layer.get("class_name") == "BatchNormalization"
+    }
 
 
 def _inbound(layer: dict[str, Any]) -> int:

@@ -13,23 +13,17 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from .archs import ActivationSpec, Arch, ConvSpec, DenseSpec, NormSpec, PoolSpec
+from .archs import ActivationSpec, Arch, ConvSpec, DenseSpec, HeadSpec, NormSpec, PoolSpec
+from .weightset import BN_ROLES, CONV_ROLES
 
 Preprocess = Literal["caffe", "unit", "torch"]
 Precision = Literal["fp32", "bf16"]
-
-PREPROCESS_HELP = {
-    "caffe": "RGB->BGR minus the ImageNet mean (103.939, 116.779, 123.68), no scaling: "
-    "keras.applications VGG",
-    "unit": "RGB / 255",
-    "torch": "RGB / 255, minus mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225)",
-}
 
 
 @contextlib.contextmanager
@@ -129,19 +123,46 @@ def _moments_layer(keras: Any, name: str) -> Any:
     return ChannelMoments(name=f"{name}_moments", dtype="float64", autocast=False)
 
 
-def _features(
-    keras: Any, arch: Arch, x: Any, precision: Precision
+def _reflect_pad_layer(keras: Any, name: str, dtype: str) -> Any:
+    class ReflectionPad(keras.layers.Layer):  # type: ignore[misc]
+        def call(self, x: Any) -> Any:
+            return keras.ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="reflect")
+
+    return ReflectionPad(name=name, dtype=dtype)
+
+
+def build_features(
+    keras: Any,
+    arch: Arch,
+    x: Any,
+    dtype: str = "float32",
+    after_relu: Callable[[ConvSpec, Any], Any] | None = None,
 ) -> tuple[Any, list[tuple[str, Any]]]:
-    dtype = "mixed_bfloat16" if precision == "bf16" else "float32"
+    """The conv chain of ``arch`` on tensor ``x``: the one place the Keras graph is written.
+
+    Args:
+        keras: the Keras module.
+        arch: the architecture; its layers keep their names so weights are set by name.
+        x: the (preprocessed) input tensor.
+        dtype: layer dtype policy (``"float32"`` or ``"mixed_bfloat16"``).
+        after_relu: called with each conv and its post-ReLU tensor; returns the tensor the chain
+            continues with (``vggnorm bn`` inserts a BatchNormalization there).
+
+    Returns:
+        The output of the last layer and, per conv, its post-ReLU tensor (before the hook).
+    """
     L = keras.layers
+    reflect = arch.padding == "reflect"
     taps = []
     for layer in arch.features:
         if isinstance(layer, ConvSpec):
+            if reflect and layer.padding == "same":
+                x = _reflect_pad_layer(keras, f"{layer.name}_pad", dtype)(x)
             x = L.Conv2D(
                 layer.filters,
                 layer.kernel_size,
                 strides=layer.strides,
-                padding=layer.padding,
+                padding="valid" if reflect else layer.padding,
                 activation="relu" if layer.norm is None else None,
                 use_bias=layer.use_bias,
                 name=layer.name,
@@ -154,24 +175,50 @@ def _features(
                 )(x)
                 x = L.Activation("relu", name=f"{layer.name}_relu", dtype=dtype)(x)
             taps.append((layer.name, x))
+            if after_relu is not None:
+                x = after_relu(layer, x)
         elif isinstance(layer, PoolSpec):
             pool = L.MaxPooling2D if layer.kind == "max" else L.AveragePooling2D
             x = pool(layer.pool_size, layer.strides, layer.padding, name=layer.name, dtype=dtype)(x)
     return x, taps
 
 
-def _set(model: Any, arch: Arch, arrays: Mapping[str, np.ndarray], with_head: bool) -> None:
-    names = list(arch.weighted_features)
-    if with_head and arch.head is not None:
-        names += [layer.name for layer in arch.head.layers if not isinstance(layer, ActivationSpec)]
+def build_head(
+    keras: Any, head: HeadSpec, x: Any, after: Callable[[DenseSpec, Any], Any] | None = None
+) -> Any:
+    """The head after the conv chain (Flatten or global pooling, then its layers), by name."""
+    L = keras.layers
+    if head.reduce == "flatten" and head.flatten_order == "chw":
+        x = L.Permute((3, 1, 2), name="to_channels_first")(x)  # flatten as PyTorch does
+    reduce = {"flatten": L.Flatten, "gap": L.GlobalAveragePooling2D, "gmp": L.GlobalMaxPooling2D}
+    x = reduce[head.reduce](name="flatten" if head.reduce == "flatten" else "head_pool")(x)
+    for h in head.layers:
+        if isinstance(h, DenseSpec):
+            x = L.Dense(h.units, activation=h.activation, use_bias=h.use_bias, name=h.name)(x)
+            if after is not None:
+                x = after(h, x)
+        elif isinstance(h, NormSpec):
+            x = L.BatchNormalization(
+                epsilon=h.epsilon, center=h.center, scale=h.scale, name=h.name
+            )(x)
+        else:
+            x = L.Activation(h.activation, name=h.name)(x)
+    return x
+
+
+def layer_values(arrays: Mapping[str, np.ndarray], name: str) -> list[np.ndarray]:
+    """A layer's arrays in Keras's ``set_weights`` order, as float32."""
+    return [
+        np.asarray(arrays[f"{name}/{role}"], dtype=np.float32)
+        for role in (*CONV_ROLES, *BN_ROLES)
+        if f"{name}/{role}" in arrays
+    ]
+
+
+def set_weights(model: Any, names: Iterable[str], arrays: Mapping[str, np.ndarray]) -> None:
+    """Set each named layer's weights from ``arrays`` (keys ``<layer>/<role>``)."""
     for name in names:
-        if f"{name}/kernel" in arrays:
-            values = [arrays[f"{name}/kernel"]] + (
-                [arrays[f"{name}/bias"]] if f"{name}/bias" in arrays else []
-            )
-        else:  # BatchNormalization: gamma, beta, moving mean, moving variance, as stored
-            values = [arrays[f"{name}/{i}"] for i in range(4) if f"{name}/{i}" in arrays]
-        model.get_layer(name).set_weights([np.asarray(v, dtype=np.float32) for v in values])
+        model.get_layer(name).set_weights(layer_values(arrays, name))
 
 
 class FeatureNet:
@@ -197,37 +244,20 @@ class FeatureNet:
         self.size = size
         inputs = keras.Input((size, size, 3), dtype="uint8", name="images")
         x = _preprocess_layer(keras, preprocess)(inputs)
-        x, taps = _features(keras, arch, x, precision)
+        dtype = "mixed_bfloat16" if precision == "bf16" else "float32"
+        x, taps = build_features(keras, arch, x, dtype)
         self._spatial = {}
         outs = []
         for name, t in taps:
             self._spatial[name] = int(t.shape[1]) * int(t.shape[2])
             outs.append(_moments_layer(keras, name)(t) if outputs == "moments" else t)
         self.has_head = bool(with_head and arch.head is not None)
-        if self.has_head:
-            assert arch.head is not None
-            L = keras.layers
-            reduce = {
-                "flatten": L.Flatten,
-                "gap": L.GlobalAveragePooling2D,
-                "gmp": L.GlobalMaxPooling2D,
-            }[arch.head.reduce]
-            x = reduce(name="head_reduce")(x)
-            for h in arch.head.layers:
-                if isinstance(h, DenseSpec):
-                    layer = L.Dense(
-                        h.units, activation=h.activation, use_bias=h.use_bias, name=h.name
-                    )
-                elif isinstance(h, NormSpec):
-                    layer = L.BatchNormalization(
-                        epsilon=h.epsilon, center=h.center, scale=h.scale, name=h.name
-                    )
-                else:
-                    layer = L.Activation(h.activation, name=h.name)
-                x = layer(x)
-            outs.append(x)
+        names = list(arch.weighted_features)
+        if self.has_head and arch.head is not None:
+            outs.append(build_head(keras, arch.head, x))
+            names += [h.name for h in arch.head.layers if not isinstance(h, ActivationSpec)]
         self.model = keras.Model(inputs, outs, name=f"{arch.name}_{outputs}")
-        _set(self.model, arch, arrays, self.has_head)
+        set_weights(self.model, names, arrays)
 
     def moments(
         self, images: npt.NDArray[np.uint8]

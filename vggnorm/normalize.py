@@ -11,12 +11,21 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .collect import now
+from .atomic import check_output, output_lock
 from .errors import StatsError, WeightFileError
-from .rescale import DEAD_THRESHOLD, Scales, compute_scales, rescale
-from .statsfile import StatsRecord, read_stats, stats_by_conv
-from .topology import Bound, bind, fingerprint
-from .weights_io import WeightSet, read_weights, sha256_file, write_weights
+from .pipeline import (
+    Loaded,
+    check_fingerprint,
+    load,
+    now,
+    rescale_bound,
+    scales_for,
+    write_any_weights,
+)
+from .rescale import DEAD_THRESHOLD, Scales
+from .statsfile import StatsRecord, read_stats
+from .topology import Bound
+from .weights_io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +37,6 @@ class ApplyResult:
     scales: Scales
     dropped: tuple[str, ...]
     provenance: dict[str, Any]
-
-
-def scales_for(record: StatsRecord, bound: Bound, dead_threshold: float = DEAD_THRESHOLD) -> Scales:
-    """Scales for ``bound``'s convs from ``record``, matched by position (names may differ by format)."""
-    matched = stats_by_conv(record, [(c.name, c.filters) for c in bound.arch.convs])
-    means = {name: s.mean for name, s in matched.items()}
-    return compute_scales(means, bound.conv_names, dead_threshold)
-
-
-def check_fingerprint(ws: WeightSet, bound: Bound, record: StatsRecord, what: str) -> None:
-    fp = fingerprint(ws.arrays, bound.arch.weighted_features)
-    if fp != record.meta.fingerprint:
-        raise StatsError(
-            f"{what} {ws.file.path} is not the model the stats were gathered on (conv weights "
-            f"fingerprint {fp[:12]} vs {record.meta.fingerprint[:12]} from {record.meta.weights}); "
-            "run `vggnorm stats --weights` on this file"
-        )
 
 
 def normalize(
@@ -75,75 +67,82 @@ def normalize(
     Example:
         >>> normalize("vgg16.h5", "vgg16_norm.h5", "vggnorm-stats.h5")  # doctest: +SKIP
     """
-    ws = read_weights(src)
-    if ws.file.provenance is not None:
+    out = Path(dst)
+    with output_lock(out):
+        check_output(out, force=force, inputs=[Path(src)], error=WeightFileError)
+        return _normalize(src, out, stats, model, force, dead_threshold)
+
+
+def _normalize(
+    src: str | os.PathLike[str],
+    dst: Path,
+    stats: str | os.PathLike[str] | StatsRecord,
+    model: str | None,
+    force: bool,
+    dead_threshold: float,
+) -> ApplyResult:
+    loaded = load(src, model)
+    if loaded.weights.file.provenance is not None:
         raise WeightFileError(
-            f"{ws.file.path} was already normalized by vggnorm "
-            f"{ws.file.provenance.get('tool_version', '?')}; apply it to the original file"
+            f"{src} was already normalized by vggnorm "
+            f"{loaded.weights.file.provenance.get('tool_version', '?')}; apply it to the original"
         )
-    bound = bind(ws.file, model)
     record = stats if isinstance(stats, StatsRecord) else read_stats(stats)
-    check_fingerprint(ws, bound, record, "--in")
+    check_fingerprint(loaded, record, "--in")
     try:
-        scales = scales_for(record, bound, dead_threshold)
+        scales = scales_for(record, loaded.bound, dead_threshold)
     except StatsError as e:
         raise StatsError(f"{stats}: {e}" if not isinstance(stats, StatsRecord) else str(e)) from e
-    head = bound.arch.head
-    norms = {
-        c.name: (c.norm.name, c.norm.weight_index("beta"), c.norm.weight_index("moving_mean") or 0)
-        for c in bound.arch.convs
-        if c.norm is not None
-    }
-    new = rescale(
-        ws.arrays,
-        scales,
-        head.dense[0].name if head and head.dense else None,
-        head.reduce if head and head.dense else None,
-        norms=norms,
-    )
-    changed = {k: v for k, v in new.items() if v is not ws.arrays[k]}
+    new = rescale_bound(loaded.arrays, loaded.bound, scales)
+    changed = {k: v for k, v in new.items() if v is not loaded.arrays[k]}
     for key, value in changed.items():
         if not np.all(np.isfinite(value)):  # cannot happen with finite positive scales; be sure
             raise WeightFileError(f"rescaling {key} produced non-finite values; nothing written")
-    provenance = {
+    provenance = _provenance(src, stats, record, loaded, scales, dead_threshold)
+    extra = {f"scales/{i:02d}_{n}": scales.values[n] for i, n in enumerate(loaded.bound.conv_names)}
+    dropped = write_any_weights(loaded.weights.file, dst, changed, provenance, extra, force=force)
+    if dropped:
+        log.warning("dropped %s: optimizer state belongs to the old weights", ", ".join(dropped))
+    provenance["dropped"] = dropped
+    return ApplyResult(Path(dst), loaded.bound, scales, tuple(dropped), provenance)
+
+
+def _provenance(
+    src: str | os.PathLike[str],
+    stats: str | os.PathLike[str] | StatsRecord,
+    record: StatsRecord,
+    loaded: Loaded,
+    scales: Scales,
+    dead_threshold: float,
+) -> dict[str, Any]:
+    """What produced a normalized file, stored in it (and how to undo it)."""
+    stats_path = None if isinstance(stats, StatsRecord) else Path(stats)
+    head = loaded.bound.arch.head
+    meta = record.meta
+    return {
         "tool": "vggnorm",
         "tool_version": __version__,
         "created": now(),
         "operation": "normalize: conv filter means on the stats images are 1",
-        "source": {
-            "path": str(Path(src).resolve()),
-            "sha256": sha256_file(src),
-            "format": ws.file.format,
-        },
+        "source": {"path": str(Path(src).resolve()), "sha256": sha256_file(src),
+                   "format": loaded.weights.file.format},
         "stats": {
-            "path": str(Path(stats).resolve()) if not isinstance(stats, StatsRecord) else None,
-            "sha256": sha256_file(stats) if not isinstance(stats, StatsRecord) else None,
-            "fingerprint": record.meta.fingerprint,
-            "model": record.meta.model,
-            "images": record.n_images,
-            "skipped": len(record.skipped),
-            "dataset": record.meta.dataset_path,
-            "dataset_kind": record.meta.dataset_kind,
-            "size": record.meta.size,
-            "resize": record.meta.resize,
-            "preprocess": record.meta.preprocess,
-            "precision": record.meta.precision,
+            "path": str(stats_path.resolve()) if stats_path else None,
+            "sha256": sha256_file(stats_path) if stats_path else None,
+            "fingerprint": meta.fingerprint, "model": meta.model, "images": record.n_images,
+            "skipped": len(record.skipped), "dataset": meta.dataset_path,
+            "dataset_kind": meta.dataset_kind, "size": meta.size, "resize": meta.resize,
+            "preprocess": meta.preprocess, "precision": meta.precision, "draft": meta.draft,
         },
-        "architecture": bound.source,
-        "conv_layers": list(bound.conv_names),
+        "architecture": loaded.bound.source,
+        "conv_layers": list(loaded.bound.conv_names),
         "head_dense": head.dense[0].name if head and head.dense else None,
         "dead_threshold": dead_threshold,
         "dead_filters": {k: v.tolist() for k, v in scales.dead.items() if len(v)},
         "scales": "vggnorm/scales/<NN>_<layer>: float64 divisor of each filter (dead: 1)",
         "undo": "kernel[..., c] *= s[c] and bias[c] *= s[c]; next conv kernel[:, :, c, :] /= s[c]; "
-        "first dense rows /= np.tile(s_last, rows // C)",
-    }
-    extra = {f"scales/{i:02d}_{n}": scales.values[n] for i, n in enumerate(bound.conv_names)}
-    dropped = write_weights(ws.file, dst, changed, provenance, extra, force=force)
-    if dropped:
-        log.warning("dropped %s: optimizer state belongs to the old weights", ", ".join(dropped))
-    provenance["dropped"] = dropped
-    return ApplyResult(Path(dst), bound, scales, tuple(dropped), provenance)
+        "first dense rows /= s_last in flatten order",
+    }  # fmt: skip
 
 
 def read_scales(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

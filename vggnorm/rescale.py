@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .archs import Reduce
+from .archs import FlattenOrder, Reduce
 
 F64 = npt.NDArray[np.float64]
 
@@ -90,7 +90,8 @@ def rescale(
     head_dense: str | None = None,
     head_reduce: Reduce | None = None,
     *,
-    norms: Mapping[str, tuple[str, int | None, int]] | None = None,
+    norms: Mapping[str, str] | None = None,
+    flatten_order: FlattenOrder = "hwc",
     inverse: bool = False,
 ) -> dict[str, np.ndarray]:
     """Divide each conv's filters by their scale and compensate the next consumer.
@@ -99,12 +100,14 @@ def rescale(
         weights: ``"<layer>/kernel"`` and ``"<layer>/bias"`` arrays; not modified.
         scales: from :func:`compute_scales`; ``scales.layers`` is the conv chain in order.
         head_dense: the first Dense after the last conv, whose input rows are compensated.
-        head_reduce: how the head reads the last conv map: ``"flatten"`` (channels-last flatten
-            order, row ``p*C + c`` gets scale ``c``) or ``"gap"``/``"gmp"`` (row ``c``).
-        norms: for a conv followed by BatchNormalization before its ReLU: conv -> (BN layer,
-            index of beta or None, index of moving_mean) in ``"<bn>/<i>"`` keys. BN in inference
-            is ``gamma * (z - mean) / sqrt(var + eps) + beta``; dividing z, mean and beta by s
-            divides its output by s, so gamma and var stay.
+        head_reduce: how the head reads the last conv map: ``"flatten"`` or ``"gap"``/``"gmp"``
+            (row ``c`` gets scale ``c``).
+        norms: conv -> the BatchNormalization between it and its ReLU. BN in inference is
+            ``gamma * (z - moving_mean) / sqrt(moving_variance + eps) + beta``; dividing z,
+            ``moving_mean`` and ``beta`` by s divides its output by s, so gamma and the variance
+            stay.
+        flatten_order: the order Flatten reads the last map in: ``"hwc"`` (Keras, channels last:
+            row ``p*C + c`` reads channel c) or ``"chw"`` (PyTorch: row ``c*H*W + p``).
         inverse: undo a previous rescale with the same scales.
 
     Returns:
@@ -140,11 +143,10 @@ def rescale(
             bias = _checked(weights, f"{name}/bias", 1)
             out[f"{name}/bias"] = (bias.astype(np.float64) / s).astype(bias.dtype)
         if norms and name in norms:
-            bn, beta, mean = norms[name]
-            for index in (beta, mean):
-                if index is not None:
-                    w = _checked(weights, f"{bn}/{index}", 1)
-                    out[f"{bn}/{index}"] = (w.astype(np.float64) / s).astype(w.dtype)
+            for key in (f"{norms[name]}/beta", f"{norms[name]}/moving_mean"):
+                if key in weights:
+                    w = _checked(weights, key, 1)
+                    out[key] = (w.astype(np.float64) / s).astype(w.dtype)
         prev = s
     if head_dense is not None and prev is not None:
         kernel = _checked(weights, f"{head_dense}/kernel", 2)
@@ -158,9 +160,23 @@ def rescale(
             raise ValueError(
                 f"{head_dense}: {rows} input rows after global pooling, expected {channels}"
             )
-        # channels-last Flatten: row (i*W + j)*C + c reads channel c.
-        row_scale = np.tile(prev, rows // channels)
+        row_scale = flatten_row_scale(prev, rows, flatten_order)
         out[f"{head_dense}/kernel"] = (kernel.astype(np.float64) * row_scale[:, None]).astype(
             kernel.dtype
         )
     return out
+
+
+def flatten_row_scale(channel_scale: F64, rows: int, order: FlattenOrder = "hwc") -> F64:
+    """The scale of each input row of the Dense after Flatten (or global pooling: ``rows = C``).
+
+    Example:
+        >>> flatten_row_scale(np.array([1.0, 2.0]), 4).tolist()
+        [1.0, 2.0, 1.0, 2.0]
+        >>> flatten_row_scale(np.array([1.0, 2.0]), 4, "chw").tolist()
+        [1.0, 1.0, 2.0, 2.0]
+    """
+    positions = rows // channel_scale.shape[0]
+    if order == "hwc":  # row (i*W + j)*C + c reads channel c
+        return np.tile(channel_scale, positions)
+    return np.repeat(channel_scale, positions)  # row c*H*W + i*W + j reads channel c

@@ -25,7 +25,6 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import StatsError
-from .rescale import DEAD_THRESHOLD
 from .stats import LayerStats
 
 FORMAT = "vggnorm-stats"
@@ -165,19 +164,42 @@ def read_stats(path: str | os.PathLike[str]) -> StatsRecord:
         raise
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as e:  # h5py: corrupt file
         raise StatsError(f"{p}: unreadable stats file: {e}") from e
-    return StatsRecord(meta, tuple(layers), images, tuple(skipped))
+    record = StatsRecord(meta, tuple(layers), images, tuple(skipped))
+    validate(record, str(p))
+    return record
 
 
-def summary_lines(record: StatsRecord) -> list[str]:
-    """Human-readable per-layer summary of a stats record."""
-    lines = []
+#: Relative slack for ``sum^2 <= count * sumsq`` (Cauchy-Schwarz): both sides are float64 sums of
+#: up to ~1e12 terms whose rounding stays far below 1e-6 relative.
+_CS_SLACK = 1e-6
+#: Squares of values below sqrt(smallest normal float64) underflow, so sumsq can read 0 for them.
+_TINY = float(np.sqrt(np.finfo(np.float64).tiny))
+
+
+def validate(record: StatsRecord, where: str = "stats") -> None:
+    """Refuse statistics no real run can produce (a damaged or edited file).
+
+    Every sum and sum of squares is finite and >= 0 (activations are post-ReLU), counts are
+    >= 0 and > 0 in a complete run, a layer that counted nothing has zero sums, and
+    ``sum^2 <= count * sumsq`` per filter (Cauchy-Schwarz).
+
+    Raises:
+        StatsError: naming the file, the layer and what is wrong.
+    """
     for s in record.layers:
-        m = s.mean if s.count else np.zeros(s.channels)
-        lines.append(
-            f"{s.name:<16} filters {s.channels:>4}  mean min {m.min():.4g}  "
-            f"median {np.median(m):.4g}  max {m.max():.4g}  dead {int(np.sum(m <= DEAD_THRESHOLD))}"
-        )
-    return lines
+        bad = None
+        if not (np.all(np.isfinite(s.sum)) and np.all(np.isfinite(s.sumsq))):
+            bad = "NaN or infinite sums"
+        elif np.any(s.sum < 0) or np.any(s.sumsq < 0):
+            bad = "negative sums of post-ReLU activations"
+        elif s.count == 0 and (np.any(s.sum) or np.any(s.sumsq)):
+            bad = "sums without any counted value"
+        elif record.meta.complete and s.count == 0:
+            bad = "no counted value in a complete run"
+        elif np.any(s.sum > np.sqrt(float(s.count)) * (np.sqrt(s.sumsq) * (1 + _CS_SLACK) + _TINY)):
+            bad = "sums of squares too small for the sums and count (sum^2 > count * sumsq)"
+        if bad:
+            raise StatsError(f"{where}: layer {s.name}: {bad}; the stats file is damaged")
 
 
 def same_settings(a: StatsMeta, b: StatsMeta) -> list[str]:
@@ -208,60 +230,3 @@ def stats_by_conv(record: StatsRecord, convs: Sequence[tuple[str, int]]) -> dict
             raise StatsError(f"stats layer {layer_stats.name} counted no activation")
         out[name] = layer_stats
     return out
-
-
-def merge_records(records: Sequence[StatsRecord], names: Sequence[str] = ()) -> StatsRecord:
-    """Exactly combine complete runs over disjoint images of the same model and settings.
-
-    Sums, sums of squares and counts add; image and skip lists concatenate. Shards ``i/N`` of one
-    selection that together cover every ``i`` merge into the equivalent unsharded run.
-
-    Raises:
-        StatsError: fewer than two runs, an unfinished run, different settings or models, or an
-            image counted in two runs.
-    """
-    from .data import items_sha256, ordered_items
-    from .stats import merge_stats
-
-    if len(records) < 2:
-        raise StatsError("merge needs at least two stats files")
-    names = list(names) or [f"#{i}" for i in range(len(records))]
-    first = records[0]
-    seen: dict[str, str] = {}
-    for name, r in zip(names, records, strict=True):
-        if not r.meta.complete:
-            raise StatsError(f"{name} is from an unfinished run; finish it with --resume first")
-        differ = same_settings(first.meta, r.meta)
-        if r.meta.dataset_root != first.meta.dataset_root:
-            differ.append("dataset")
-        if differ:
-            raise StatsError(f"{name} differs from {names[0]} in {', '.join(differ)}; cannot merge")
-        for image in r.images:
-            if image in seen:
-                raise StatsError(
-                    f"{name} and {seen[image]} both counted {image!r}: overlapping runs would "
-                    "count images twice"
-                )
-            seen[image] = name
-    shards = {r.meta.shard for r in records}
-    counts = {n for _, n in shards}
-    covered = len(counts) == 1 and {i for i, _ in shards} == set(range(next(iter(counts))))
-    covered = covered and len({r.meta.limit for r in records}) == 1
-    images = tuple(i for r in records for i in r.images)
-    # The selection is every item the runs consumed, counted or skipped, in dataset order: for
-    # shards covering 0..N-1 this is exactly the unsharded selection, so its hash matches one.
-    selection = ordered_items([*images, *(item for r in records for item, _, _ in r.skipped)])
-    meta = replace(
-        first.meta,
-        shard=(0, 1) if covered else first.meta.shard,
-        selection_size=len(selection),
-        selection_sha256=items_sha256(selection),
-        position=sum(r.meta.position for r in records),
-        merged_from=tuple(names),
-    )
-    return StatsRecord(
-        meta,
-        merge_stats(*(r.layers for r in records)),
-        images,
-        tuple(s for r in records for s in r.skipped),
-    )

@@ -17,7 +17,7 @@ import numpy as np
 
 from .archs import ARCHS, Arch, ConvSpec, DenseSpec, HeadSpec, PoolSpec
 from .errors import ArchitectureError
-from .weights_io import LayerEntry, WeightFile
+from .weightset import BN_ROLES, CONV_ROLES, LayerEntry, WeightFile
 
 
 @dataclass(frozen=True)
@@ -141,14 +141,19 @@ def fingerprint(arrays: Mapping[str, np.ndarray], layers: Sequence[str]) -> str:
     network order, as little-endian float32.
 
     Independent of file layout, layer names and storage dtype, so stats gathered from one copy of
-    a model match any other copy of the same weights.
+    a model match any other copy of the same weights. A BatchNorm's arrays are labelled by their
+    position among those present (as in stats files written before roles had names).
     """
     h = hashlib.sha256()
     for name in layers:
-        for part in ("kernel", "bias", "0", "1", "2", "3"):
-            key = f"{name}/{part}"
+        bn = [role for role in BN_ROLES if f"{name}/{role}" in arrays]
+        labels = [(role, role) for role in CONV_ROLES] + [
+            (role, str(i)) for i, role in enumerate(bn)
+        ]
+        for role, label in labels:
+            key = f"{name}/{role}"
             if key in arrays:
                 a = np.ascontiguousarray(arrays[key], dtype="<f4")
-                h.update(f"{part}{a.shape}".encode())
+                h.update(f"{label}{a.shape}".encode())
                 h.update(a.tobytes())
     return h.hexdigest()

@@ -23,27 +23,32 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .collect import Progress
-from .data import Dataset, Decode, iter_batches, open_dataset
-from .errors import StatsError, VerificationError
-from .model import Preprocess
-from .normalize import check_fingerprint, scales_for
-from .rescale import DEAD_THRESHOLD
-from .stats import accumulate, empty_stats
-from .statsfile import read_stats
-from .topology import bind
-from .weights_io import read_weights
+from .data import Dataset, Decode, iter_batches
+from .errors import StatsError, WeightFileError
+from .measure import Counted, feature_net, measure
+from .pipeline import (
+    FUNCTION_TOL,
+    Loaded,
+    Progress,
+    check_fingerprint,
+    decode_of,
+    function_errors,
+    load,
+    scales_for,
+    stats_dataset,
+)
+from .rescale import DEAD_THRESHOLD, Scales
+from .stats import LayerStats, empty_stats
+from .statsfile import StatsRecord, read_stats
 
 log = logging.getLogger(__name__)
 
-FUNCTION_TOL = 1e-4
 MEANS_TOL = {"fp32": 1e-4, "bf16": 5e-2}
 DEAD_TOL = 1e-6
 
@@ -98,6 +103,24 @@ class VerifyReport:
         d.update(ok=self.ok, function_ok=self.function_ok, means_ok=self.means_ok)
         return json.dumps(d, indent=2)
 
+    def summary(self) -> str:
+        """The console report: the per-layer table, the predictions, notes and the verdict."""
+        lines = [self.table()]
+        if self.predictions:
+            p = self.predictions
+            lines.append(
+                f"predictions on {int(p['images'])} images: max abs err {p['max_abs_err']:.3g}, "
+                f"max rel err {p['max_rel_err']:.3g}, top-1 agreement {p['top1_agreement']:.1%}"
+            )
+        lines += [f"note: {note}" for note in self.notes]
+        means = {True: "ok", False: "FAILED", None: "not judged"}[self.means_ok]
+        lines.append(
+            f"same function ({self.function_images} images, tol {self.function_tol:g}): "
+            f"{'ok' if self.function_ok else 'FAILED'}; means = 1 ({self.means_images} of "
+            f"{self.stats_images} stats images, tol {self.means_tol:g}): {means}"
+        )
+        return "\n".join(lines)
+
     def table(self) -> str:
         head = (
             f"{'layer':<16}{'filters':>8}{'dead':>6}{'func rel err':>14}"
@@ -117,12 +140,6 @@ class VerifyReport:
         return "\n".join(rows)
 
 
-def _dataset_for(meta_root: str, data: str | os.PathLike[str] | None) -> Path:
-    if data is None:
-        return Path(meta_root)
-    return open_dataset(data).root
-
-
 def verify(
     normalized: str | os.PathLike[str],
     original: str | os.PathLike[str] | None = None,
@@ -135,6 +152,7 @@ def verify(
     workers: int = 2,
     dead_threshold: float | None = None,
     progress: Callable[[Progress], None] | None = None,
+    engine: Any = None,
 ) -> VerifyReport:
     """Check that ``normalized`` equals ``original`` as a function and has unit filter means.
 
@@ -145,159 +163,167 @@ def verify(
         data: dataset path, if it moved since the stats were gathered.
         limit: re-measure means on only the first ``limit`` stats images (means then not judged).
         check_images: how many images the activation-by-activation comparison uses.
+        engine: where the re-measuring pass runs (None: here; see :mod:`vggnorm.ray_engine`).
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` says whether both checks passed.
 
     Raises:
-        VerificationError: the files cannot be compared (not vggnorm output, other model).
+        WeightFileError, StatsError: the files cannot be compared (not vggnorm output, other
+            model, stats not recorded).
     """
-    from .model import FeatureNet
-
-    norm = read_weights(normalized)
-    prov = norm.file.provenance
+    norm = load(normalized)
+    prov = norm.weights.file.provenance
     if prov is None:
-        raise VerificationError(
+        raise WeightFileError(
             f"{normalized} carries no vggnorm provenance; was it written by apply?"
         )
     original = original or prov["source"]["path"]
     stats = stats or prov["stats"]["path"]
     if stats is None:
-        raise VerificationError("the stats file is not recorded in the provenance; pass --stats")
+        raise StatsError("the stats file is not recorded in the provenance; pass --stats")
     record = read_stats(stats)
-    orig = read_weights(original)
-    bound = bind(orig.file)
-    bound_norm = bind(norm.file)
-    check_fingerprint(orig, bound, record, "--original")
+    orig = load(original)
+    check_fingerprint(orig, record, "--original")
     if dead_threshold is None:
         dead_threshold = float(prov.get("dead_threshold", DEAD_THRESHOLD))
-    scales = scales_for(record, bound, dead_threshold)
-    meta = record.meta
-    preprocess: Preprocess = meta.preprocess  # type: ignore[assignment]
-    decode = Decode(meta.size, meta.resize, meta.interpolation, meta.draft)  # type: ignore[arg-type]
-    root = _dataset_for(meta.dataset_root, data)
-    ds = Dataset(meta.dataset_kind, root, record.images, root)  # type: ignore[arg-type]
+    scales = scales_for(record, orig.bound, dead_threshold)
+    ds = stats_dataset(record, data)
     items = record.images[:limit] if limit is not None else record.images
     notes: list[str] = []
 
-    # 1. Same function, layer by layer, on a few images.
-    arch = bound.arch.without_head()
-    a_net = FeatureNet(arch, orig.arrays, meta.size, preprocess, outputs="activations")
-    b_net = FeatureNet(
-        bound_norm.arch.without_head(),
-        norm.arrays,
-        meta.size,
-        preprocess,
-        outputs="activations",
-    )
-    worst = {c.name: 0.0 for c in arch.convs}
-    n_func = 0
     first = items[:check_images]
-    for batch in iter_batches(ds, first, decode, batch_size, workers=workers):
-        if not batch.items:
-            continue
-        for conv, a, b in zip(
-            arch.convs, a_net.activations(batch.images), b_net.activations(batch.images)
-        ):
-            s = scales.values[conv.name].astype(np.float32)
-            err = float(np.max(np.abs(b * s - a)))
-            worst[conv.name] = max(worst[conv.name], err / max(float(np.max(np.abs(a))), 1e-30))
-        n_func += len(batch.items)
-    if n_func == 0:
-        raise VerificationError("no stats image could be decoded for the function check")
-
-    predictions = _check_head(
-        bound, bound_norm, orig.arrays, norm.arrays, ds, first, decode, preprocess, notes
+    worst, n_func = _function_check(orig, norm, scales, record, ds, first, batch_size, workers)
+    predictions = _check_head(orig, norm, ds, first, decode_of(record.meta), record, notes)
+    measured, seen = _remeasure(
+        norm, record, ds, items, batch_size, workers, notes, progress, engine
     )
-
-    # 2. Re-measure the normalized network's means over the stats images.
-    net = FeatureNet(bound_norm.arch.without_head(), norm.arrays, meta.size, preprocess, "fp32")
-    layers = empty_stats((c.name, c.filters) for c in bound_norm.arch.convs)
-    seen = 0
-    for batch in iter_batches(ds, items, decode, batch_size, workers=workers):
-        if batch.skipped:
-            notes.append(
-                f"{len(batch.skipped)} stats image(s) could not be decoded now: {batch.skipped[0][0]}"
-            )
-        if batch.items:
-            sums = net.moments(batch.images)
-            layers = accumulate(
-                layers,
-                {k: (v[0], v[1]) for k, v in sums.items()},
-                {k: v[2] for k, v in sums.items()},
-            )
-            seen += len(batch.items)
-        if progress:
-            progress(Progress(batch.end, len(items), seen, 0))
     full = seen == record.n_images
     if not full:
         notes.append(
             f"means re-measured on {seen} of the {record.n_images} stats images: they are expected "
             "near 1, not exactly 1, so the means check is not judged"
         )
-    means_tol = MEANS_TOL.get(meta.precision, MEANS_TOL["bf16"])
-    checks = []
-    for conv, ls, orig_stats in zip(arch.convs, layers, record.layers):
-        if ls.count == 0:
-            raise StatsError("no image re-measured")
-        m = ls.mean
-        dead = np.zeros(conv.filters, bool)
-        dead[scales.dead[conv.name]] = True
-        live = m[~dead]
-        s_live = scales.values[conv.name][~dead]
-        dead_err = float(np.max(np.abs(m[dead] - orig_stats.mean[dead]), initial=0.0))
-        means_err = (
-            float(np.max(np.abs(live - 1.0) * s_live) / np.median(s_live)) if live.size else 0.0
-        )
-        means_ok = None
-        if full:
-            means_ok = bool(means_err <= means_tol and dead_err <= DEAD_TOL)
-        checks.append(
-            LayerCheck(
-                conv.name,
-                conv.filters,
-                int(dead.sum()),
-                worst[conv.name],
-                float(live.min(initial=np.inf)) if live.size else float("nan"),
-                float(np.median(live)) if live.size else float("nan"),
-                float(live.max(initial=-np.inf)) if live.size else float("nan"),
-                dead_err,
-                means_err,
-                worst[conv.name] <= FUNCTION_TOL,
-                means_ok,
-            )
-        )
+    means_tol = MEANS_TOL.get(record.meta.precision, MEANS_TOL["bf16"])
+    checks = tuple(
+        _judge(conv.name, conv.filters, worst[conv.name], ls, before, scales, means_tol, full)
+        for conv, ls, before in zip(orig.bound.arch.convs, measured, record.layers)
+    )
     return VerifyReport(
-        str(normalized), str(original), str(stats), tuple(checks), n_func, seen, record.n_images,
-        full, FUNCTION_TOL, means_tol, predictions, tuple(notes),
+        normalized=str(normalized), original=str(original), stats=str(stats), layers=checks,
+        function_images=n_func, means_images=seen, stats_images=record.n_images,
+        means_checked=full, function_tol=FUNCTION_TOL, means_tol=means_tol,
+        predictions=predictions, notes=tuple(notes),
+    )  # fmt: skip
+
+
+def _function_check(
+    orig: Loaded, norm: Loaded, scales: Scales, record: StatsRecord, ds: Dataset,
+    items: Sequence[str], batch_size: int, workers: int,
+) -> tuple[dict[str, float], int]:  # fmt: skip
+    """Per conv, the worst ``max |a_norm * s - a| / max |a|`` over ``items``; and how many."""
+    from .model import FeatureNet
+
+    meta = record.meta
+    nets = [
+        FeatureNet(x.bound.arch.without_head(), x.arrays, meta.size, meta.preprocess,  # type: ignore[arg-type]
+                   outputs="activations")
+        for x in (orig, norm)
+    ]  # fmt: skip
+    convs = orig.bound.conv_names
+    worst = dict.fromkeys(convs, 0.0)
+    s = [scales.values[c].astype(np.float32) for c in convs]
+    n = 0
+    for batch in iter_batches(ds, items, decode_of(meta), batch_size, workers=workers):
+        if batch.items:
+            a, b = (net.activations(batch.images) for net in nets)
+            for conv, err in zip(convs, function_errors(a, b, s)):
+                worst[conv] = max(worst[conv], err)
+            n += len(batch.items)
+    if n == 0:
+        raise StatsError("no stats image could be decoded for the function check")
+    return worst, n
+
+
+def _remeasure(
+    norm: Loaded, record: StatsRecord, ds: Dataset, items: Sequence[str], batch_size: int,
+    workers: int, notes: list[str], progress: Callable[[Progress], None] | None, engine: Any,
+) -> tuple[tuple[LayerStats, ...], int]:  # fmt: skip
+    """The normalized network's statistics over ``items``, measured in fp32 as ``stats`` did."""
+    from dataclasses import replace
+
+    meta = replace(record.meta, precision="fp32")
+    zero = empty_stats((c.name, c.filters) for c in norm.bound.arch.convs)
+    total = Counted(zero, (), (), 0)
+    if engine is None:
+        net = feature_net(norm, meta)
+        stretches = measure(net, ds, items, decode_of(meta), batch_size, workers=workers)
+    else:
+        stretches = engine(norm, ds, items, meta, batch_size, 0, False)
+    try:
+        for counted in stretches:
+            total = total.plus(counted)
+            if progress:
+                progress(Progress(total.end, len(items), len(total.images), len(total.skipped)))
+    finally:
+        stretches.close()
+    if total.skipped:
+        notes.append(
+            f"{len(total.skipped)} stats image(s) could not be decoded now: {total.skipped[0][0]}"
+        )
+    return total.layers, len(total.images)
+
+
+def _judge(
+    name: str, filters: int, function_err: float, measured: LayerStats, before: LayerStats,
+    scales: Scales, means_tol: float, full: bool,
+) -> LayerCheck:  # fmt: skip
+    if measured.count == 0:
+        raise StatsError("no image re-measured")
+    m = measured.mean
+    dead = np.zeros(filters, bool)
+    dead[scales.dead[name]] = True
+    live = m[~dead]
+    s_live = scales.values[name][~dead]
+    dead_err = float(np.max(np.abs(m[dead] - before.mean[dead]), initial=0.0))
+    means_err = float(np.max(np.abs(live - 1.0) * s_live) / np.median(s_live)) if live.size else 0.0
+    return LayerCheck(
+        name=name, filters=filters, dead=int(dead.sum()), function_rel_err=function_err,
+        mean_min=float(live.min()) if live.size else float("nan"),
+        mean_median=float(np.median(live)) if live.size else float("nan"),
+        mean_max=float(live.max()) if live.size else float("nan"),
+        dead_max_err=dead_err, means_err=means_err, function_ok=function_err <= FUNCTION_TOL,
+        means_ok=bool(means_err <= means_tol and dead_err <= DEAD_TOL) if full else None,
     )  # fmt: skip
 
 
 def _check_head(
-    bound: Any, bound_norm: Any, a_arrays: Any, b_arrays: Any, ds: Dataset, items: Any,
-    decode: Decode, preprocess: Preprocess, notes: list[str],
+    orig: Loaded, norm: Loaded, ds: Dataset, items: Sequence[str], decode: Decode,
+    record: StatsRecord, notes: list[str],
 ) -> dict[str, float] | None:  # fmt: skip
     """Compare the classifier outputs of both networks, when the head is fully known."""
+    from dataclasses import replace
+
     from .model import FeatureNet
 
-    head = bound.arch.head
+    head = orig.bound.arch.head
     if head is None or not head.dense:
         return None
     if not head.known:
         notes.append("head activations unknown in a weights-only file: predictions not compared")
         return None
     size = head.input_size or decode.size
-    d = Decode(size, decode.resize, decode.interpolation, decode.draft)
-    a = FeatureNet(bound.arch, a_arrays, size, preprocess, outputs="activations", with_head=True)
-    b = FeatureNet(
-        bound_norm.arch, b_arrays, size, preprocess, outputs="activations", with_head=True
-    )
+    d = replace(decode, size=size)
+    nets = [
+        FeatureNet(x.bound.arch, x.arrays, size, record.meta.preprocess,  # type: ignore[arg-type]
+                   outputs="activations", with_head=True)
+        for x in (orig, norm)
+    ]  # fmt: skip
     max_abs, max_rel, agree, n = 0.0, 0.0, 0, 0
     for batch in iter_batches(ds, items, d, 16):
         if not batch.items:
             continue
-        pa = a.activations(batch.images)[-1]
-        pb = b.activations(batch.images)[-1]
+        pa, pb = (net.activations(batch.images)[-1] for net in nets)
         diff = np.abs(pa - pb)
         max_abs = max(max_abs, float(diff.max()))
         max_rel = max(max_rel, float(diff.max() / max(float(np.abs(pa).max()), 1e-30)))

@@ -32,78 +32,26 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_output, output_lock
 from .errors import WeightFileError
+from .weightset import Format, LayerEntry, WeightFile, WeightSet, roles_of, suffix_of
 
 try:
     import h5py
 except ImportError:  # pragma: no cover - h5py is a hard dependency; keep the message useful
     h5py = None
 
-Format = Literal["legacy-h5", "legacy-h5-model", "weights-h5", "keras-zip"]
 
 #: Root group that carries vggnorm's provenance in every file it writes.
 PROVENANCE_GROUP = "vggnorm"
 _KERAS_ZIP_WEIGHTS = "model.weights.h5"
 _OPTIMIZER_GROUPS = ("optimizer_weights", "optimizer")
-
-
-@dataclass(frozen=True)
-class LayerEntry:
-    """One weight-holding layer as stored: its name and its datasets in Keras's weight order."""
-
-    name: str
-    datasets: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-    def keys(self) -> tuple[str, ...]:
-        """Array keys: ``<name>/kernel`` and ``<name>/bias`` for conv/dense, else ``<name>/<i>``."""
-        nd = [len(s) for s in self.shapes]
-        if nd and nd[0] in (2, 4) and (len(nd) == 1 or (len(nd) == 2 and nd[1] == 1)):
-            return (f"{self.name}/kernel", f"{self.name}/bias")[: len(nd)]
-        return tuple(f"{self.name}/{i}" for i in range(len(nd)))
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """What a weight file holds, without its arrays."""
-
-    path: Path
-    format: Format
-    layers: tuple[LayerEntry, ...]
-    config: dict[str, Any] | None = None
-    provenance: dict[str, Any] | None = None
-    root_attrs: tuple[str, ...] = field(default=())
-
-    @property
-    def suffix(self) -> str:
-        return _suffix_of(self.path)
-
-    def entry_of_key(self) -> dict[str, tuple[LayerEntry, int]]:
-        return {k: (e, i) for e in self.layers for i, k in enumerate(e.keys())}
-
-
-@dataclass(frozen=True)
-class WeightSet:
-    """A weight file's description plus every weight array, keyed as in :meth:`LayerEntry.keys`."""
-
-    file: WeightFile
-    arrays: Mapping[str, np.ndarray]
-
-
-def _suffix_of(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (".weights.h5", ".keras", ".h5", ".hdf5"):
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix.lower()
 
 
 def _need_h5py() -> None:
@@ -219,7 +167,7 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
     p = Path(path)
     if not p.is_file():
         raise WeightFileError(f"{p}: no such file")
-    suffix = _suffix_of(p)
+    suffix = suffix_of(p)
     if suffix == ".keras":
         if not zipfile.is_zipfile(p):
             raise WeightFileError(f"{p}: a .keras file must be a zip archive; this one is not")
@@ -244,9 +192,6 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
     )
 
 
-_K1_ROLE = re.compile(r"_(W|b)(_\d+)?$")
-
-
 def _leaf_groups(layer: str, weight_names: list[str]) -> list[tuple[str, list[int]]]:
     """Split one stored layer into leaf layers: a nested model's group holds many layers' weights.
 
@@ -263,18 +208,23 @@ def _leaf_groups(layer: str, weight_names: list[str]) -> list[tuple[str, list[in
     return [(p, [i for i, q in enumerate(prefixes) if q == p]) for p in distinct if p is not None]
 
 
-def _entry(f: Any, name: str, paths: list[str]) -> LayerEntry:
-    shapes, dtypes = [], []
+BnFlags = dict[str, tuple[bool, bool]]
+
+
+def _entry(f: Any, name: str, paths: list[str], bn: BnFlags) -> LayerEntry:
+    shapes: list[tuple[int, ...]] = []
+    dtypes = []
     for p in paths:
         ds = _get(f, p)
         if not isinstance(ds, h5py.Dataset):
             raise WeightFileError(f"{f.filename}: {p} is not a dataset")
         shapes.append(tuple(int(n) for n in ds.shape))
         dtypes.append(str(ds.dtype))
-    return LayerEntry(name, tuple(paths), tuple(shapes), tuple(dtypes))
+    roles = roles_of(name, tuple(paths), tuple(shapes), bn.get(name))
+    return LayerEntry(name, tuple(paths), tuple(shapes), tuple(dtypes), roles)
 
 
-def _read_legacy(f: Any, root: str) -> tuple[LayerEntry, ...]:
+def _read_legacy(f: Any, root: str, bn: BnFlags) -> tuple[LayerEntry, ...]:
     group = _get(f, root) if root else f
     names = _attr_list(group, "layer_names")
     if names is None:
@@ -285,7 +235,7 @@ def _read_legacy(f: Any, root: str) -> tuple[LayerEntry, ...]:
         weight_names = _attr_list(g, "weight_names") or []
         base = f"{root}/{layer}" if root else layer
         for leaf, idx in _leaf_groups(layer, weight_names):
-            entries.append(_entry(f, leaf, [f"{base}/{weight_names[i]}" for i in idx]))
+            entries.append(_entry(f, leaf, [f"{base}/{weight_names[i]}" for i in idx], bn))
     return tuple(entries)
 
 
@@ -293,7 +243,7 @@ def _natural_key(s: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def _read_keras3(f: Any) -> tuple[LayerEntry, ...]:
+def _read_keras3(f: Any, bn: BnFlags) -> tuple[LayerEntry, ...]:
     """Leaves of ``layers/...`` that hold ``vars``, named by the layer name Keras records there.
 
     Store keys are class name plus a per-class counter in model order (``conv2d``, ``conv2d_1``),
@@ -308,7 +258,7 @@ def _read_keras3(f: Any) -> tuple[LayerEntry, ...]:
             if idx:
                 # Keras 3 records the layer's own name on the vars group; older files may not.
                 name = _decode(vars_group.attrs.get("name", path.rsplit("/", 1)[-1]))
-                entries.append(_entry(f, name, [f"{path}/vars/{i}" for i in idx]))
+                entries.append(_entry(f, name, [f"{path}/vars/{i}" for i in idx], bn))
         if "layers" in group:
             layers = _get(group, "layers")
             for key in sorted(layers, key=_natural_key):
@@ -320,10 +270,7 @@ def _read_keras3(f: Any) -> tuple[LayerEntry, ...]:
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         # Nested models can reuse keys such as conv2d in two sub-models; keep the full path then.
-        entries = [
-            LayerEntry(e.datasets[0].rsplit("/vars/", 1)[0], e.datasets, e.shapes, e.dtypes)
-            for e in entries
-        ]
+        entries = [replace(e, name=e.datasets[0].rsplit("/vars/", 1)[0]) for e in entries]
     return tuple(entries)
 
 
@@ -356,16 +303,21 @@ def _zip_config(path: Path) -> dict[str, Any] | None:
 
 
 def _describe(f: Any, p: Path, fmt: Format) -> WeightFile:
+    from .keras_config import batchnorm_flags
+
     _refuse_links(f)
-    if fmt in ("legacy-h5", "legacy-h5-model"):
-        layers = _read_legacy(f, "model_weights" if fmt == "legacy-h5-model" else "")
-        config = _json_attr(f, "model_config") if fmt == "legacy-h5-model" else None
+    if fmt == "legacy-h5-model":
+        config = _json_attr(f, "model_config")
     else:
-        layers = _read_keras3(f)
         config = _zip_config(p) if fmt == "keras-zip" else None
+    bn = batchnorm_flags(config) if config is not None else {}
+    if fmt in ("legacy-h5", "legacy-h5-model"):
+        layers = _read_legacy(f, "model_weights" if fmt == "legacy-h5-model" else "", bn)
+    else:
+        layers = _read_keras3(f, bn)
     if not layers:
         raise WeightFileError(f"{p}: the file holds no layer with weights")
-    return WeightFile(p, fmt, layers, config, _read_provenance(f), tuple(sorted(f.attrs)))
+    return WeightFile(p, fmt, layers, config, _read_provenance(f))
 
 
 def inspect_weights(path: str | os.PathLike[str]) -> WeightFile:
@@ -425,27 +377,24 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def check_output_path(src: Path, dst: Path, force: bool) -> None:
     """Refuse outputs that would not load the way ``src`` does, overwrite it, or clobber a file."""
-    if _suffix_of(dst) != _suffix_of(src) and {_suffix_of(dst), _suffix_of(src)} != {
+    if suffix_of(dst) != suffix_of(src) and {suffix_of(dst), suffix_of(src)} != {
         ".h5",
         ".hdf5",
     }:
         raise WeightFileError(
-            f"--out {dst.name} must end in {_suffix_of(src)} like --in {src.name}: Keras picks "
+            f"--out {dst.name} must end in {suffix_of(src)} like --in {src.name}: Keras picks "
             "the loader by suffix, so the output keeps the input's format"
         )
-    check_new_file(src, dst, force)
-
-
-def check_new_file(src: Path, dst: Path, force: bool) -> None:
-    """Refuse a target that is the input, exists (without ``force``) or has no directory."""
-    if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise WeightFileError(f"--out {dst} is the input file; vggnorm never writes over its input")
-    if dst.exists() and not force:
-        raise WeightFileError(f"{dst} already exists; pass --force to overwrite it")
-    if not dst.parent.is_dir():
-        raise WeightFileError(f"{dst.parent}: output directory does not exist")
+    check_output(dst, force=force, inputs=[src], error=WeightFileError, need_bytes=_size(src))
 
 
 def _copy_h5(src: Any, dst: Any, skip: tuple[str, ...]) -> list[str]:
@@ -525,7 +474,7 @@ def write_weights(
     check_output_path(src.path, dst_path, force)
     extra = extra or {}
     try:
-        with atomic_path(dst_path) as tmp:
+        with output_lock(dst_path), atomic_path(dst_path) as tmp:
             if src.format != "keras-zip":
                 return _patch_h5(src.path, tmp, src, arrays, provenance, extra)
             return _write_keras_zip(src, tmp, arrays, provenance, extra)

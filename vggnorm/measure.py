@@ -1,0 +1,68 @@
+"""The one step that turns images into statistics: decode a stretch of the selection, run it
+through the network, reduce each conv's activations to float64 sums. ``stats`` runs it here,
+``verify`` runs it again on the normalized network, and the Ray workers run it on a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .data import Dataset, Decode, iter_batches
+from .errors import DatasetError
+from .pipeline import Loaded
+from .stats import LayerStats
+from .statsfile import StatsMeta
+
+
+@dataclass(frozen=True)
+class Counted:
+    """What a stretch of the selection adds: sums over its good images, which images were
+    counted and skipped, and where it ends (the position just after its last item)."""
+
+    layers: tuple[LayerStats, ...]
+    images: tuple[str, ...]
+    skipped: tuple[tuple[str, str, str], ...]
+    end: int
+
+    def plus(self, other: Counted) -> Counted:
+        """This stretch followed by ``other`` (sums add in float64, lists concatenate)."""
+        layers = tuple(a.merge(b) for a, b in zip(self.layers, other.layers, strict=True))
+        return Counted(layers, self.images + other.images, self.skipped + other.skipped, other.end)
+
+
+def measure(
+    net: Any,
+    ds: Dataset,
+    items: Sequence[str],
+    decode: Decode,
+    batch_size: int,
+    *,
+    start: int = 0,
+    workers: int = 2,
+    strict: bool = False,
+) -> Generator[Counted, None, None]:
+    """Decode ``items[start:]`` and run them through ``net`` batch by batch: one
+    :class:`Counted` per batch. The single step both the local loop and the Ray workers run."""
+    for batch in iter_batches(ds, items, decode, batch_size, start=start, workers=workers):
+        if strict and batch.skipped:
+            _, reason, detail = batch.skipped[0]
+            raise DatasetError(f"{reason}: {detail} (strict: skips are errors)")
+        layers = tuple(
+            LayerStats(name, np.asarray(s, np.float64), np.asarray(sq, np.float64), n)
+            for name, (s, sq, n) in net.moments(batch.images).items()
+        ) if batch.items else tuple(LayerStats.empty(c.name, c.filters) for c in net.arch.convs)  # fmt: skip
+        yield Counted(layers, tuple(batch.items), tuple(batch.skipped), batch.end)
+
+
+def feature_net(loaded: Loaded, meta: StatsMeta, precision: str | None = None) -> Any:
+    """The network that measures ``loaded``'s conv statistics with ``meta``'s settings (imports
+    Keras). ``precision`` overrides the run's (``verify`` re-measures in fp32)."""
+    from .model import FeatureNet
+
+    arch = loaded.bound.arch.without_head()
+    prec = precision or meta.precision
+    return FeatureNet(arch, loaded.arrays, meta.size, meta.preprocess, prec)  # type: ignore[arg-type]
