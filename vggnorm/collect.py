@@ -191,7 +191,7 @@ def _run(
         return StatsRecord(meta, total.layers, total.images, total.skipped)
 
     if engine is None:
-        net = feature_net(loaded, record.meta)
+        net = feature_net(loaded, record.meta, batch_size)
         stretches = measure(net, ds, items, decode_of(record.meta), batch_size,
                             start=total.end, workers=workers, strict=strict)  # fmt: skip
     else:

@@ -58,11 +58,11 @@ def measure(
         yield Counted(layers, tuple(batch.items), tuple(batch.skipped), batch.end)
 
 
-def feature_net(loaded: Loaded, meta: StatsMeta, precision: str | None = None) -> Any:
-    """The network that measures ``loaded``'s conv statistics with ``meta``'s settings (imports
-    Keras). ``precision`` overrides the run's (``verify`` re-measures in fp32)."""
+def feature_net(loaded: Loaded, meta: StatsMeta, batch_size: int) -> Any:
+    """The network that measures ``loaded``'s conv statistics with ``meta``'s settings, in
+    batches of exactly ``batch_size`` images (imports Keras)."""
     from .model import FeatureNet
 
     arch = loaded.bound.arch.without_head()
-    prec = precision or meta.precision
-    return FeatureNet(arch, loaded.arrays, meta.size, meta.preprocess, prec)  # type: ignore[arg-type]
+    return FeatureNet(arch, loaded.arrays, meta.size, meta.preprocess, meta.precision,  # type: ignore[arg-type]
+                      batch_size=batch_size)  # fmt: skip

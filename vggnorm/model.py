@@ -117,8 +117,9 @@ def _moments_layer(keras: Any, name: str) -> Any:
             # Activations arrive in the compute dtype (autocast off): bf16 rows are summed in
             # bf16 (~1e-4 relative, far below bf16 activations' own ~0.4%) instead of paying a
             # float32 copy of every activation.
-            rows = ops.stack([ops.sum(x, axis=2), ops.sum(x * x, axis=2)])  # (2, B, H, C)
-            return ops.sum(ops.cast(rows, "float64"), axis=(1, 2))[None]  # (1, 2, C)
+            # Per image, so that padding images can be left out on the host.
+            rows = ops.stack([ops.sum(x, axis=2), ops.sum(x * x, axis=2)], axis=1)  # (B,2,H,C)
+            return ops.sum(ops.cast(rows, "float64"), axis=2)  # (B, 2, C)
 
     return ChannelMoments(name=f"{name}_moments", dtype="float64", autocast=False)
 
@@ -238,9 +239,11 @@ class FeatureNet:
         *,
         outputs: Literal["moments", "activations"] = "moments",
         with_head: bool = False,
+        batch_size: int | None = None,
     ) -> None:
         keras = keras_module()
         self.arch = arch
+        self.batch_size = batch_size
         self.size = size
         inputs = keras.Input((size, size, 3), dtype="uint8", name="images")
         x = _preprocess_layer(keras, preprocess)(inputs)
@@ -262,12 +265,26 @@ class FeatureNet:
     def moments(
         self, images: npt.NDArray[np.uint8]
     ) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-        out = self.model.predict_on_batch(images)
+        """Per conv: float64 (sum, sumsq) over the batch's activations and the value count.
+
+        A batch smaller than ``batch_size`` is padded with black images that are left out of
+        the sums: the CPU convolution kernels round differently for different batch sizes
+        (~5e-7 relative), but identically for every image of a batch of one size, so each
+        image's statistics are the same whichever batch, shard or Ray block it falls in.
+        """
         n = int(images.shape[0])
-        return {
-            name: (np.asarray(o[0, 0]), np.asarray(o[0, 1]), n * self._spatial[name])
-            for name, o in zip((c.name for c in self.arch.convs), out)
-        }
+        if self.batch_size is not None and n < self.batch_size:
+            pad = np.zeros((self.batch_size - n, *images.shape[1:]), dtype=images.dtype)
+            images = np.concatenate([images, pad])
+        out = self.model.predict_on_batch(images)
+        sums = {}
+        for name, o in zip((c.name for c in self.arch.convs), out):
+            per_image = np.asarray(o, dtype=np.float64)[:n]
+            total = np.zeros(per_image.shape[1:])
+            for image in per_image:  # image by image: the same order in every grouping
+                total += image
+            sums[name] = (total[0], total[1], n * self._spatial[name])
+        return sums
 
     def activations(self, images: npt.NDArray[np.uint8]) -> list[np.ndarray]:
         out = self.model.predict_on_batch(images)

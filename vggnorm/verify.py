@@ -256,7 +256,7 @@ def _remeasure(
     zero = empty_stats((c.name, c.filters) for c in norm.bound.arch.convs)
     total = Counted(zero, (), (), 0)
     if engine is None:
-        net = feature_net(norm, meta)
+        net = feature_net(norm, meta, batch_size)
         stretches = measure(net, ds, items, decode_of(meta), batch_size, workers=workers)
     else:
         stretches = engine(norm, ds, items, meta, batch_size, 0, False)
