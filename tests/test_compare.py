@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vggnorm.archs import VGG19
-from vggnorm.compare import compare_weights, compare_with_means, ratio_tolerance
+from vggnorm.compare import _column_median, compare_weights, compare_with_means, ratio_tolerance
 from vggnorm.rescale import Scales, compute_scales, rescale
 from vggnorm.torch_layouts import compensate_head
 
@@ -59,7 +59,9 @@ def test_recovers_known_scales_at_vgg19_widths() -> None:
     a: dict[str, np.ndarray] = {}
     c_in = 3
     for conv in VGG19.convs:
-        a[f"{conv.name}/kernel"] = rng.normal(0, 0.05, (3, 3, c_in, conv.filters)).astype(np.float32)
+        a[f"{conv.name}/kernel"] = rng.normal(0, 0.05, (3, 3, c_in, conv.filters)).astype(
+            np.float32
+        )
         a[f"{conv.name}/bias"] = rng.normal(0, 0.05, conv.filters).astype(np.float32)
         c_in = conv.filters
     names = list(VGG19.conv_names)
@@ -67,15 +69,15 @@ def test_recovers_known_scales_at_vgg19_widths() -> None:
     b = rescale(a, scales)
     report = compare_weights(a, b, names)
     assert report.is_rescaling, report.table()
-    worst = max(
-        float(np.max(np.abs(report.scales[n] / scales.values[n] - 1.0))) for n in names
-    )
+    worst = max(float(np.max(np.abs(report.scales[n] / scales.values[n] - 1.0))) for n in names)
     assert worst < 1e-6
     # Float32 storage: ratios scatter by a few units of 2**-24, well inside the derived bound.
     assert max(layer.spread for layer in report.layers) < 8 * 2.0**-24 < report.tolerance
 
 
-@pytest.mark.parametrize("kind", ["unrelated", "sign-flip", "hwc-head", "bias-shift", "fc2-changed"])
+@pytest.mark.parametrize(
+    "kind", ["unrelated", "sign-flip", "hwc-head", "bias-shift", "fc2-changed"]
+)
 def test_not_a_rescaling(kind: str) -> None:
     a = tiny_weights(0)
     scales = log_uniform_scales(CONVS, list(WIDTHS[1:]), 1)
@@ -149,3 +151,18 @@ def test_compare_with_means() -> None:
     assert compare_with_means({"c1": np.ones(2)}, {"c1": np.zeros(2)})["c1"].median_ratio is None
     with pytest.raises(ValueError, match="3 means"):
         compare_with_means({"c1": np.ones(2)}, {"c1": np.ones(3)})
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), nan_per_column=st.integers(0, 3), seed=st.integers(0, 1000))
+def test_column_median_equals_nanmedian(rows: int, nan_per_column: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((rows, 4))
+    for col in range(4):  # equal NaN counts per column: the partial-sort path
+        values[rng.permutation(rows)[: min(nan_per_column, rows)], col] = np.nan
+    values[0, 3] = np.nan if rows > 1 and seed % 2 else values[0, 3]  # sometimes unequal counts
+    counts = np.sum(~np.isnan(values), axis=0)
+    expected = np.array(
+        [np.median(values[~np.isnan(values[:, j]), j]) if counts[j] else 1.0 for j in range(4)]
+    )
+    assert np.array_equal(_column_median(values, counts), expected)

@@ -184,6 +184,22 @@ def _ratios(num: F64, den: F64) -> tuple[F64, int, int]:
     return ratio, mismatch, negative
 
 
+def _column_median(values: F64, counts: npt.NDArray[np.intp]) -> F64:
+    """Median of each column's non-NaN entries (1 where none); faster than ``np.nanmedian``."""
+    if counts.size and np.all(counts == counts[0]):  # the usual case: a partial sort will do
+        k = int(counts[0])
+        ordered = np.partition(values, sorted({max(k - 1, 0) // 2, max(k, 1) // 2}), axis=0)
+    else:
+        ordered = np.sort(values, axis=0)  # NaN sorts last
+    lo = np.maximum(counts - 1, 0) // 2
+    hi = np.maximum(counts, 1) // 2
+    mid = 0.5 * (
+        np.take_along_axis(ordered, lo[None, :], 0)[0]
+        + np.take_along_axis(ordered, hi[None, :], 0)[0]
+    )
+    return np.where(counts > 0, mid, 1.0)
+
+
 def _row_scale(s_last: F64, rows: int, flatten: tuple[FlattenOrder, int] | None) -> F64:
     c = s_last.shape[0]
     if flatten is None:
@@ -275,8 +291,7 @@ def compare_weights(
         else:
             bias_ratio = np.full(n_out, np.nan)
         counts = np.sum(~np.isnan(ratio), axis=0)
-        with np.errstate(all="ignore"):
-            kernel_med = np.nanmedian(np.where(counts > 0, ratio, 1.0), axis=0)
+        kernel_med = _column_median(ratio, counts)
         scale = np.where(counts > 0, kernel_med, np.where(np.isnan(bias_ratio), 1.0, bias_ratio))
         # A nonpositive scale (sign flip) is already counted; keep the chain finite and positive.
         scale = np.where(scale > 0, scale, 1.0)
