@@ -291,3 +291,18 @@ def test_failed_write_leaves_the_target_alone(
     nan = dict(tw.arrays) | {"block1_conv1/bias": np.full(64, np.nan, np.float32)}
     with pytest.raises(WeightFileError, match="NaN"):
         write_torch(tmp_path / "nan.safetensors", "gatys", nan, source=tw)
+
+
+def test_legacy_serialization_and_writing_without_a_source(
+    modules: dict[tuple[str, str], Any], tmp_path: Path
+) -> None:
+    # AdaIN's published vgg_normalised.pth is in torch's legacy (pre-zip) format.
+    state = modules[("gatys", "vgg16")].state_dict()
+    legacy = tmp_path / "legacy.pth"
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    tw = read_torch(legacy)
+    assert (tw.layout, tw.arch) == ("gatys", "vgg16")
+    out = write_torch(tmp_path / "fresh.safetensors", "gatys", tw.arrays)  # arch from the names
+    back = load(out)
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], v) for k, v in state.items())

@@ -36,7 +36,9 @@ TORCHVISION_INDICES = {
 ADAIN_INDICES = [2, 5, 9, 12, 16, 19, 22, 25, 29, 32, 35, 38, 42, 45, 48, 51]
 
 
-def state_shapes(layout: str, arch: str, head_rows: int | None = None) -> dict[str, tuple[int, ...]]:
+def state_shapes(
+    layout: str, arch: str, head_rows: int | None = None
+) -> dict[str, tuple[int, ...]]:
     """Shapes of a stock state dict, written from the published module definitions."""
     shapes: dict[str, tuple[int, ...]] = {}
     convs = ARCHS[arch].convs
@@ -106,17 +108,39 @@ def test_key_maps_match_the_published_indices() -> None:
     [
         (lambda s: s | {"fc.weight": (10, 512)}, WeightFileError, "not a known PyTorch VGG"),
         (lambda s: s | {"features.30.weight": (10,)}, WeightFileError, "unexpected keys"),
-        (lambda s: s | {"features.2.weight": (64, 64, 5, 5)}, WeightFileError, "expected (64, 64, 3, 3)"),
-        (lambda s: {k: v for k, v in s.items() if k != "features.28.bias"}, WeightFileError, "missing"),
-        (lambda s: s | {"features.1.running_mean": (64,)}, ArchitectureError, "BatchNorm"),
-        (lambda s: s | {"classifier.0.weight": (16, 500), "classifier.0.bias": (16,)}, WeightFileError, "partial"),
         (
-            lambda s: {k: v for k, v in s.items() if not k.startswith(("features.26", "features.28"))},
+            lambda s: s | {"features.2.weight": (64, 64, 5, 5)},
+            WeightFileError,
+            "expected (64, 64, 3, 3)",
+        ),
+        (
+            lambda s: {k: v for k, v in s.items() if k != "features.28.bias"},
+            WeightFileError,
+            "missing",
+        ),
+        (lambda s: s | {"features.1.running_mean": (64,)}, ArchitectureError, "BatchNorm"),
+        (
+            lambda s: s | {"classifier.0.weight": (16, 500), "classifier.0.bias": (16,)},
+            WeightFileError,
+            "partial",
+        ),
+        (
+            lambda s: {
+                k: v for k, v in s.items() if not k.startswith(("features.26", "features.28"))
+            },
             WeightFileError,
             "11 convs",
         ),
     ],
-    ids=["foreign", "extra-conv", "bad-shape", "missing-bias", "batchnorm", "partial-head", "11-convs"],
+    ids=[
+        "foreign",
+        "extra-conv",
+        "bad-shape",
+        "missing-bias",
+        "batchnorm",
+        "partial-head",
+        "11-convs",
+    ],
 )
 def test_refusals_name_what_was_found(mutate, error, words) -> None:  # type: ignore[no-untyped-def]
     shapes = mutate(state_shapes("torchvision", "vgg16"))
@@ -125,6 +149,15 @@ def test_refusals_name_what_was_found(mutate, error, words) -> None:  # type: ig
     message = str(info.value)
     assert words in message
     assert "\n" not in message
+
+
+def test_torchvision_features_saved_alone_is_not_taken_for_adain() -> None:
+    shapes = {
+        k.removeprefix("features."): v for k, v in state_shapes("torchvision", "vgg16").items()
+    }
+    with pytest.raises(WeightFileError, match=r"not model\.features") as info:
+        detect_layout(shapes)
+    assert "(64, 3, 3, 3)" in str(info.value)
 
 
 def test_head_rows_not_a_multiple_refused() -> None:
@@ -170,7 +203,7 @@ def test_from_canonical_refuses_shape_changes() -> None:
     state = random_state(state_shapes("gatys", "vgg16"))
     canonical = to_canonical(state, "gatys", "vgg16")
     canonical["block1_conv1/bias"] = np.zeros(65, np.float32)
-    with pytest.raises(WeightFileError, match="conv1_1.bias"):
+    with pytest.raises(WeightFileError, match=r"conv1_1\.bias"):
         from_canonical(canonical, "gatys", "vgg16", source=state)
 
 
@@ -202,7 +235,9 @@ def test_flatten_orders_agree_with_reshaping_a_map(c: int, h: int, w: int, units
     assert np.allclose(scaled @ (k_chw * row[:, None]), x_chw @ k_chw, rtol=1e-12, atol=1e-12)
     row_hwc = flatten_row_scale(m, c * h * w, "hwc")
     scaled_hwc = (fmap / m[:, None, None]).transpose(1, 2, 0).ravel()
-    assert np.allclose(scaled_hwc @ (k_hwc * row_hwc[:, None]), x_hwc @ k_hwc, rtol=1e-12, atol=1e-12)
+    assert np.allclose(
+        scaled_hwc @ (k_hwc * row_hwc[:, None]), x_hwc @ k_hwc, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_chw_and_hwc_row_scales_differ() -> None:
@@ -225,7 +260,9 @@ def test_compensate_head_after_rescale_is_exact_in_chw() -> None:
     out = compensate_head(rescale(w, scales), "fc1", scales.values["c1"], "chw")
     fmap = rng.uniform(0.0, 1.0, (4, 3, 3))  # a post-ReLU map, C x H x W
     scaled = fmap / scales.values["c1"][:, None, None]
-    assert np.allclose(scaled.ravel() @ out["fc1/kernel"], fmap.ravel() @ w["fc1/kernel"], rtol=1e-12)
+    assert np.allclose(
+        scaled.ravel() @ out["fc1/kernel"], fmap.ravel() @ w["fc1/kernel"], rtol=1e-12
+    )
     back = compensate_head(out, "fc1", scales.values["c1"], "chw", inverse=True)
     assert np.allclose(back["fc1/kernel"], w["fc1/kernel"], rtol=1e-15)
     assert out["fc1/bias"] is w["fc1/bias"]
