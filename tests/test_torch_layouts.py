@@ -1,0 +1,277 @@
+"""PyTorch layout tables and transforms: pure numpy, no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vggnorm.archs import ARCHS
+from vggnorm.errors import ArchitectureError, WeightFileError
+from vggnorm.rescale import compute_scales, rescale
+from vggnorm.torch_layouts import (
+    LAYOUTS,
+    compensate_head,
+    conv_key_map,
+    convert_flatten_rows,
+    detect_arch,
+    detect_layout,
+    flatten_row_scale,
+    from_canonical,
+    head_key_map,
+    keras_rows_to_torch,
+    to_canonical,
+    torch_rows_to_keras,
+)
+
+# The published indices (torchvision models/vgg.py cfgs 'D'/'E'; pytorch-AdaIN net.py).
+TORCHVISION_INDICES = {
+    "vgg16": [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28],
+    "vgg19": [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34],
+}
+ADAIN_INDICES = [2, 5, 9, 12, 16, 19, 22, 25, 29, 32, 35, 38, 42, 45, 48, 51]
+
+
+def state_shapes(
+    layout: str, arch: str, head_rows: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of a stock state dict, written from the published module definitions."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    convs = ARCHS[arch].convs
+    c_in = 3
+    if layout == "adain":
+        shapes |= {"0.weight": (3, 3, 1, 1), "0.bias": (3,)}
+    for k, conv in enumerate(convs):
+        if layout == "torchvision":
+            prefix = f"features.{TORCHVISION_INDICES[arch][k]}"
+        elif layout == "adain":
+            prefix = f"{ADAIN_INDICES[k]}"
+        else:
+            block, i = conv.name.removeprefix("block").split("_conv")
+            prefix = f"conv{block}_{i}"
+        shapes[f"{prefix}.weight"] = (conv.filters, c_in, 3, 3)
+        shapes[f"{prefix}.bias"] = (conv.filters,)
+        c_in = conv.filters
+    if head_rows is not None:
+        shapes |= {
+            "classifier.0.weight": (16, head_rows),
+            "classifier.0.bias": (16,),
+            "classifier.3.weight": (16, 16),
+            "classifier.3.bias": (16,),
+            "classifier.6.weight": (10, 16),
+            "classifier.6.bias": (10,),
+        }
+    return shapes
+
+
+def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+
+
+CASES = [
+    ("torchvision", "vgg16", 512 * 49),
+    ("torchvision", "vgg19", None),
+    ("gatys", "vgg16", None),
+    ("gatys", "vgg19", None),
+    ("adain", "vgg19", None),
+]
+
+
+@pytest.mark.parametrize(("layout", "arch", "rows"), CASES)
+def test_detect_each_layout(layout: str, arch: str, rows: int | None) -> None:
+    shapes = state_shapes(layout, arch, rows)
+    assert detect_layout(shapes) == layout
+    assert detect_arch(shapes, detect_layout(shapes)) == arch
+
+
+def test_key_maps_match_the_published_indices() -> None:
+    for arch, indices in TORCHVISION_INDICES.items():
+        keys = list(conv_key_map("torchvision", arch).values())[::2]
+        assert keys == [f"features.{i}.weight" for i in indices]
+    assert list(conv_key_map("adain", "vgg19").values())[::2] == [
+        f"{i}.weight" for i in ADAIN_INDICES
+    ]
+    gatys = conv_key_map("gatys", "vgg19")
+    assert gatys["block3_conv4/bias"] == "conv3_4.bias"
+    assert gatys["block5_conv4/kernel"] == "conv5_4.weight"
+    assert head_key_map("torchvision", "vgg16")["predictions/kernel"] == "classifier.6.weight"
+    assert head_key_map("gatys", "vgg16") == {}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "words"),
+    [
+        (lambda s: s | {"fc.weight": (10, 512)}, WeightFileError, "not a known PyTorch VGG"),
+        (lambda s: s | {"features.30.weight": (10,)}, WeightFileError, "unexpected keys"),
+        (
+            lambda s: s | {"features.2.weight": (64, 64, 5, 5)},
+            WeightFileError,
+            "expected (64, 64, 3, 3)",
+        ),
+        (
+            lambda s: {k: v for k, v in s.items() if k != "features.28.bias"},
+            WeightFileError,
+            "missing",
+        ),
+        (lambda s: s | {"features.1.running_mean": (64,)}, ArchitectureError, "BatchNorm"),
+        (
+            lambda s: s | {"classifier.0.weight": (16, 500), "classifier.0.bias": (16,)},
+            WeightFileError,
+            "partial",
+        ),
+        (
+            lambda s: {
+                k: v for k, v in s.items() if not k.startswith(("features.26", "features.28"))
+            },
+            WeightFileError,
+            "11 convs",
+        ),
+    ],
+    ids=[
+        "foreign",
+        "extra-conv",
+        "bad-shape",
+        "missing-bias",
+        "batchnorm",
+        "partial-head",
+        "11-convs",
+    ],
+)
+def test_refusals_name_what_was_found(mutate, error, words) -> None:  # type: ignore[no-untyped-def]
+    shapes = mutate(state_shapes("torchvision", "vgg16"))
+    with pytest.raises(error, match=None) as info:
+        detect_arch(shapes, detect_layout(shapes))
+    message = str(info.value)
+    assert words in message
+    assert "\n" not in message
+
+
+def test_torchvision_features_saved_alone_is_not_taken_for_adain() -> None:
+    shapes = {
+        k.removeprefix("features."): v for k, v in state_shapes("torchvision", "vgg16").items()
+    }
+    with pytest.raises(WeightFileError, match=r"not model\.features") as info:
+        detect_layout(shapes)
+    assert "(64, 3, 3, 3)" in str(info.value)
+
+
+def test_head_rows_not_a_multiple_refused() -> None:
+    shapes = state_shapes("torchvision", "vgg16", 500)
+    with pytest.raises(WeightFileError, match="not a multiple"):
+        detect_arch(shapes, "torchvision")
+
+
+@pytest.mark.parametrize(("layout", "arch", "rows"), CASES)
+def test_round_trip_is_bit_exact_and_leaves_the_input_alone(
+    layout: str, arch: str, rows: int | None
+) -> None:
+    state = random_state(state_shapes(layout, arch, rows))
+    before = {k: v.copy() for k, v in state.items()}
+    canonical = to_canonical(state, layout, arch)
+    k1 = canonical["block1_conv1/kernel"]
+    assert k1.shape == (3, 3, 3, 64) and k1.flags.c_contiguous
+    assert not np.shares_memory(k1, next(iter(state.values())))
+    assert not any(k.startswith("0.") for k in canonical)  # AdaIN's fixed conv is not a layer
+    back = from_canonical(canonical, layout, arch, source=state)
+    assert list(back) == list(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape
+        assert np.array_equal(back[key], value), key
+        assert np.array_equal(state[key], before[key])
+    # The HWIO/(in, out) transforms are the documented ones.
+    first = next(k for k in state if k.endswith(".weight") and state[k].shape[2:] == (3, 3))
+    assert np.array_equal(canonical["block1_conv1/kernel"], state[first].transpose(2, 3, 1, 0))
+    if rows:
+        assert np.array_equal(canonical["fc1/kernel"], state["classifier.0.weight"].T)
+
+
+def test_adain_fixed_conv_passes_through_and_needs_a_source() -> None:
+    state = random_state(state_shapes("adain", "vgg19"))
+    canonical = to_canonical(state, "adain", "vgg19")
+    back = from_canonical(canonical, "adain", "vgg19", source=state)
+    assert back["0.weight"] is state["0.weight"]
+    with pytest.raises(WeightFileError, match="source"):
+        from_canonical(canonical, "adain", "vgg19")
+
+
+def test_from_canonical_refuses_shape_changes() -> None:
+    state = random_state(state_shapes("gatys", "vgg16"))
+    canonical = to_canonical(state, "gatys", "vgg16")
+    canonical["block1_conv1/bias"] = np.zeros(65, np.float32)
+    with pytest.raises(WeightFileError, match=r"conv1_1\.bias"):
+        from_canonical(canonical, "gatys", "vgg16", source=state)
+
+
+def test_layout_defaults() -> None:
+    assert LAYOUTS["torchvision"].preprocessing == "torch"
+    assert LAYOUTS["gatys"].preprocessing == "caffe"
+    assert LAYOUTS["adain"].padding == "reflect" and LAYOUTS["adain"].pool_ceil_mode
+    assert LAYOUTS["adain"].fixed_keys == ("0.weight", "0.bias")
+    assert all(info.flatten_order == "chw" for info in LAYOUTS.values())
+
+
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(1, 5), h=st.integers(1, 4), w=st.integers(1, 4), units=st.integers(1, 3))
+def test_flatten_orders_agree_with_reshaping_a_map(c: int, h: int, w: int, units: int) -> None:
+    rng = np.random.default_rng(c * 100 + h * 10 + w)
+    fmap = rng.standard_normal((c, h, w))
+    m = rng.uniform(0.1, 10.0, c)
+    x_chw, x_hwc = fmap.ravel(), fmap.transpose(1, 2, 0).ravel()
+    k_chw = rng.standard_normal((c * h * w, units))
+    k_hwc = torch_rows_to_keras(k_chw, c)
+    # A permutation of rows: the products pair the same numbers.
+    assert np.array_equal(np.sort(k_hwc, axis=0), np.sort(k_chw, axis=0))
+    assert np.allclose(x_hwc @ k_hwc, x_chw @ k_chw, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(keras_rows_to_torch(k_hwc, c), k_chw)
+    assert np.array_equal(convert_flatten_rows(k_chw, c, "chw", "chw"), k_chw)
+    # Dividing channel c by m[c] and scaling the rows in the same order keeps the product.
+    scaled = (fmap / m[:, None, None]).ravel()
+    row = flatten_row_scale(m, c * h * w, "chw")
+    assert np.allclose(scaled @ (k_chw * row[:, None]), x_chw @ k_chw, rtol=1e-12, atol=1e-12)
+    row_hwc = flatten_row_scale(m, c * h * w, "hwc")
+    scaled_hwc = (fmap / m[:, None, None]).transpose(1, 2, 0).ravel()
+    assert np.allclose(
+        scaled_hwc @ (k_hwc * row_hwc[:, None]), x_hwc @ k_hwc, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_chw_and_hwc_row_scales_differ() -> None:
+    # The test above could pass with either order for one channel; make sure the orders differ.
+    assert flatten_row_scale([1.0, 2.0], 4, "chw").tolist() == [1.0, 1.0, 2.0, 2.0]
+    assert flatten_row_scale([1.0, 2.0], 4, "hwc").tolist() == [1.0, 2.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="multiple"):
+        flatten_row_scale([1.0, 2.0], 5, "chw")
+
+
+def test_compensate_head_after_rescale_is_exact_in_chw() -> None:
+    rng = np.random.default_rng(3)
+    w = {
+        "c1/kernel": rng.standard_normal((3, 3, 3, 4)),
+        "c1/bias": rng.standard_normal(4),
+        "fc1/kernel": rng.standard_normal((4 * 9, 5)),
+        "fc1/bias": rng.standard_normal(5),
+    }
+    scales = compute_scales({"c1": rng.uniform(0.5, 2.0, 4)}, ["c1"])
+    out = compensate_head(rescale(w, scales), "fc1", scales.values["c1"], "chw")
+    fmap = rng.uniform(0.0, 1.0, (4, 3, 3))  # a post-ReLU map, C x H x W
+    scaled = fmap / scales.values["c1"][:, None, None]
+    assert np.allclose(
+        scaled.ravel() @ out["fc1/kernel"], fmap.ravel() @ w["fc1/kernel"], rtol=1e-12
+    )
+    back = compensate_head(out, "fc1", scales.values["c1"], "chw", inverse=True)
+    assert np.allclose(back["fc1/kernel"], w["fc1/kernel"], rtol=1e-15)
+    assert out["fc1/bias"] is w["fc1/bias"]
+
+
+def test_pure_modules_import_no_framework() -> None:
+    code = (
+        "import sys, vggnorm.torch_layouts, vggnorm.compare; "
+        "bad = {'torch', 'keras', 'tensorflow', 'safetensors'} & set(sys.modules); "
+        "sys.exit(1 if bad else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
