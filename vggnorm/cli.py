@@ -387,6 +387,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_torch_commands(command: Any) -> None:
     """``export`` and ``compare``: PyTorch layouts and checking a claimed normalized file."""
+    p = command("export", ["force"],
+        "write a VGG weight file in a PyTorch layout (torchvision, Gatys, AdaIN)",
+        "Copy the weights of any supported file (Keras or PyTorch, normalized or not) into the "
+        "state-dict layout PyTorch style-transfer code loads: torchvision's vgg16/vgg19, Gatys's "
+        "vgg_conv.pth (VGG19 convs) or AdaIN's vgg_normalised.pth (VGG19 convs behind its fixed "
+        "1x1 input conv). The output is .safetensors or .pth by its suffix. What input the file "
+        "expects is printed and stored in its metadata.")  # fmt: skip
+    p.add_argument("--in", dest="src", metavar="PATH", required=True, help="weight file to export")
+    p.add_argument(
+        "--layout",
+        choices=["torchvision", "gatys", "adain"],
+        required=True,
+        help="the PyTorch layout to write",
+    )
+    p.add_argument(
+        "--out",
+        dest="dst",
+        metavar="PATH",
+        required=True,
+        help="file to write: .safetensors (no torch needed) or .pth",
+    )
+    p.add_argument(
+        "--fold-input",
+        action="store_true",
+        help="torchvision layout from caffe-input weights (Keras's): fold the BGR "
+        "0-255 convention into conv1_1 so the file takes torchvision's normalised "
+        "RGB (exact except at the zero-padded image border)",
+    )
+    p = command("compare", [],
+        "tell whether one weight file is a per-filter rescaling of another",
+        "Recover the per-filter positive scales that turn ORIGINAL into OTHER (any two supported "
+        "files of the same architecture, any layouts), report per layer how consistent they are "
+        "(~1e-7 for a true rescaling, large for a different network) and, with --stats, how "
+        "they compare with the means of a stats file gathered on ORIGINAL. Exit code 0 when OTHER "
+        f"is a rescaling of ORIGINAL, {EXIT_VERIFY} when it is not.")  # fmt: skip
+    p.add_argument("original", metavar="ORIGINAL", help="the reference weight file")
+    p.add_argument("other", metavar="OTHER", help="the file that claims to be a rescaling of it")
+    p.add_argument("--stats", metavar="PATH", help="stats file gathered on ORIGINAL")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
 @dataclass(frozen=True)
@@ -554,6 +593,41 @@ def _cmd_bn(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(args.src, args.dst, args.layout, fold_input=args.fold_input, force=args.force)
+    _say(args, f"input this file expects: {result.input_convention}")
+    for note in result.notes:
+        _say(args, f"note: {note}")
+    _say(args, f"wrote {result.out} ({result.layout} layout)")
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_files
+
+    result = compare_files(args.original, args.other, args.stats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(result["table"])
+        for name, row in result.get("means", {}).items():
+            print(
+                f"{name:<16} scale/mean median {_num(row['median_ratio'])}  IQR "
+                f"{_num(row['iqr_ratio'])}  corr(log) {_num(row['log_correlation'])}"
+            )
+        if "stats_matches_original" in result and not result["stats_matches_original"]:
+            print("note: the stats were not gathered on ORIGINAL (fingerprints differ)")
+        verdict = "is" if result["report"]["is_rescaling"] else "is NOT"
+        print(f"{args.other} {verdict} a per-filter positive rescaling of {args.original}")
+    return EXIT_OK if result["report"]["is_rescaling"] else EXIT_VERIFY
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
 _COMMANDS = {
     "stats": _cmd_stats,
     "apply": _cmd_apply,
@@ -561,6 +635,8 @@ _COMMANDS = {
     "merge": _cmd_merge,
     "report": _cmd_report,
     "bn": _cmd_bn,
+    "export": _cmd_export,
+    "compare": _cmd_compare,
 }
 
 

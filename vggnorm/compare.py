@@ -19,8 +19,9 @@ deviations of order 1. :func:`ratio_tolerance` computes it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -400,4 +401,72 @@ def compare_with_means(
         if ls.size >= 2 and np.std(ls) > 0 and np.std(lm) > 0:
             corr = float(np.corrcoef(ls, lm)[0, 1])
         out[name] = ScalesVsMeans(float(q50), float(q75 - q25), corr, int(ls.size))
+    return out
+
+
+def compare_files(
+    original: str | os.PathLike[str],
+    other: str | os.PathLike[str],
+    stats: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """``vggnorm compare``: is ``other`` a per-filter positive rescaling of ``original``?
+
+    Any two supported files (Keras or PyTorch, any layout) of the same stock VGG, or two files of
+    one fine-tuned architecture with the same layer names. With ``stats`` (gathered on
+    ``original``), the implied scales are set against the stats' means.
+
+    Returns:
+        A JSON-ready dict: ``report`` (:meth:`CompareReport.to_dict`), ``table`` (text), and with
+        stats ``means`` (per layer: median ratio scale/mean, interquartile range, correlation of
+        log scales and log means) and ``stats_matches_original`` (fingerprint check).
+
+    Raises:
+        ArchitectureError: the files hold different architectures.
+    """
+    from .errors import ArchitectureError, StatsError
+    from .pipeline import load, stock_named
+
+    a, b = load(original), load(other)
+    if a.bound.arch.conv_names and b.bound.arch.name != a.bound.arch.name:
+        raise ArchitectureError(
+            f"{original} is a {a.bound.arch.name}, {other} a {b.bound.arch.name}"
+        )
+    stock = a.bound.arch.name in ("vgg16", "vgg19") and b.bound.arch.name == a.bound.arch.name
+    if stock:
+        wa, wb = stock_named(a), stock_named(b)
+        from .archs import ARCHS
+
+        arch = ARCHS[a.bound.arch.name]
+        convs = arch.conv_names
+    else:
+        wa, wb, arch = dict(a.arrays), dict(b.arrays), a.bound.arch
+        convs = arch.conv_names
+    head_a = a.bound.arch.head
+    dense = None
+    flatten: tuple[FlattenOrder, int] | None = None
+    if head_a is not None and head_a.dense and b.bound.arch.head is not None:
+        dense = "fc1" if stock else head_a.dense[0].name
+        rows = wa[f"{dense}/kernel"].shape[0]
+        last = wa[f"{convs[-1]}/kernel"].shape[3]
+        order: FlattenOrder = "chw" if stock else head_a.flatten_order
+        flatten = (order, rows // last) if head_a.reduce == "flatten" else None
+    else:  # one of them has no head: compare the convs
+        wa = {k: v for k, v in wa.items() if k.rsplit("/", 1)[0] in convs}
+        wb = {k: v for k, v in wb.items() if k.rsplit("/", 1)[0] in convs}
+    report = compare_weights(wa, wb, convs, dense, flatten)
+    out: dict[str, Any] = {"original": str(original), "other": str(other),
+                           "report": report.to_dict(), "table": report.table()}  # fmt: skip
+    if stats is not None:
+        from .pipeline import check_fingerprint
+        from .statsfile import read_stats
+
+        record = read_stats(stats)
+        try:
+            check_fingerprint(a, record, "ORIGINAL")
+            out["stats_matches_original"] = True
+        except StatsError:
+            out["stats_matches_original"] = False
+        means = {c: s.mean for c, s in zip(convs, record.layers)}
+        vs = compare_with_means(report.scales, means)
+        out["means"] = {k: asdict(v) for k, v in vs.items()}
     return out

@@ -198,3 +198,25 @@ def stats_dataset(record: StatsRecord, data: str | os.PathLike[str] | None = Non
     root = Path(record.meta.dataset_root) if data is None else open_dataset(data).root
     kind = record.meta.dataset_kind
     return Dataset(kind, root, record.images, root)  # type: ignore[arg-type]
+
+
+def stock_named(loaded: Loaded) -> dict[str, np.ndarray]:
+    """A stock VGG16/VGG19's arrays under Keras's layer names (files name their layers in many
+    ways), with the first Dense's rows in PyTorch's (C, H, W) flatten order."""
+    from .archs import ARCHS
+
+    stock = ARCHS[loaded.bound.arch.name]
+    names = dict(zip(loaded.bound.conv_names, stock.conv_names))
+    head = loaded.bound.arch.head
+    if head is not None and stock.head is not None:
+        names.update(zip((d.name for d in head.dense), (d.name for d in stock.head.dense)))
+    out = {}
+    for key, value in loaded.arrays.items():
+        layer, role = key.rsplit("/", 1)
+        if layer in names:
+            out[f"{names[layer]}/{role}"] = value
+    if head is not None and head.flatten_order == "hwc" and "fc1/kernel" in out:
+        from .torch_layouts import keras_rows_to_torch
+
+        out["fc1/kernel"] = keras_rows_to_torch(out["fc1/kernel"], stock.convs[-1].filters)
+    return out

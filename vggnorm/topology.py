@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .archs import ARCHS, Arch, ConvSpec, DenseSpec, HeadSpec, PoolSpec
+from .archs import ARCHS, Arch, ConvSpec, DenseSpec, HeadSpec, Padding, PoolSpec
 from .errors import ArchitectureError
 from .weightset import BN_ROLES, CONV_ROLES, LayerEntry, WeightFile
 
@@ -133,7 +133,24 @@ def bind(wf: WeightFile, model: str | None = None) -> Bound:
         raise ArchitectureError(
             f"{wf.path} holds {len(_convs(wf.layers))} conv layers, a {stock}, but --model is {model}"
         )
-    return _bind_stock(wf, ARCHS[stock])
+    bound = _bind_stock(wf, ARCHS[stock])
+    return _torch_layout(bound, wf.layout) if wf.layout else bound
+
+
+def _torch_layout(bound: Bound, layout: str) -> Bound:
+    """A PyTorch layout's differences from Keras's VGG: the head flattens (C, H, W) and ends in
+    logits (torchvision's ``classifier.6`` has no softmax); AdaIN pads by reflection."""
+    arch = bound.arch
+    head = arch.head
+    if head is not None:
+        dense = list(head.layers)
+        last = dense[-1]
+        if isinstance(last, DenseSpec) and last.activation == "softmax":
+            dense[-1] = replace(last, activation="linear")
+        # torchvision's AdaptiveAvgPool2d((7, 7)) is the identity on the 7x7 map of a 224 input.
+        head = replace(head, layers=tuple(dense), flatten_order="chw", input_size=224)
+    padding: Padding = "reflect" if layout == "adain" else "zero"
+    return Bound(replace(arch, head=head, padding=padding), f"{bound.source}, {layout} layout")
 
 
 def fingerprint(arrays: Mapping[str, np.ndarray], layers: Sequence[str]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .archs import ARCHS
-from .atomic import atomic_path
+from .atomic import atomic_path, check_output
 from .errors import WeightFileError
 from .torch_layouts import (
     LAYOUTS,
@@ -35,6 +36,7 @@ from .torch_layouts import (
     from_canonical,
     to_canonical,
 )
+from .weightset import LayerEntry, WeightFile, WeightSet
 
 Container = Literal["safetensors", "pth"]
 
@@ -395,3 +397,91 @@ def read_provenance(path: Path | str) -> dict[str, str]:
             f"the weights changed after vggnorm wrote them (delete the sidecar to proceed)"
         )
     return dict(record)
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight-file interface every command uses (vggnorm.pipeline.read_any_weights/write_any_weights)
+
+#: Metadata keys vggnorm writes: its provenance (JSON) and the per-layer scales (JSON lists).
+PROVENANCE_KEY = "vggnorm.provenance"
+SCALES_KEY = "vggnorm.scales"
+
+# AdaIN's first layer: RGB in [0, 1] -> BGR in [0, 255] minus the caffe mean, as a 1x1 conv.
+_ADAIN_RGB_TO_CAFFE_W = np.array([[0, 0, 255], [0, 255, 0], [255, 0, 0]], np.float64)
+_ADAIN_RGB_TO_CAFFE_B = np.array([-103.939, -116.779, -123.68], np.float64)
+
+
+def _adain_preprocess(tw: TorchWeights) -> str:
+    """AdaIN's fixed 1x1 conv is caffe preprocessing of 0-255 RGB when it is the published one;
+    statistics then run it as ``caffe`` preprocessing. Any other first layer is refused."""
+    w = np.asarray(tw.state["0.weight"], np.float64).reshape(3, 3)
+    b = np.asarray(tw.state["0.bias"], np.float64)
+    if np.allclose(w, _ADAIN_RGB_TO_CAFFE_W, rtol=0, atol=1e-3) and np.allclose(
+        b, _ADAIN_RGB_TO_CAFFE_B, rtol=0, atol=1e-3
+    ):
+        return "caffe"
+    raise WeightFileError(
+        f"{tw.path}: the AdaIN layout's first 1x1 conv is not the published RGB [0, 1] -> caffe "
+        "BGR conversion; vggnorm cannot tell what input it expects"
+    )
+
+
+def read_torch_weights(path: Path | str) -> WeightSet:
+    """A PyTorch file as a :class:`~vggnorm.weightset.WeightSet` with Keras layer names, so that
+    binding, statistics, rescaling and verification treat it like any Keras file.
+
+    Raises:
+        WeightFileError, ArchitectureError, ImportError: as :func:`read_torch`.
+    """
+    tw = read_torch(path)
+    by_layer: dict[str, list[str]] = {}
+    for key in tw.arrays:
+        layer, role = key.rsplit("/", 1)
+        by_layer.setdefault(layer, []).append(role)
+    layers = tuple(
+        LayerEntry(
+            name,
+            tuple(f"{name}/{r}" for r in roles),
+            tuple(tuple(int(n) for n in tw.arrays[f"{name}/{r}"].shape) for r in roles),
+            tuple(str(tw.arrays[f"{name}/{r}"].dtype) for r in roles),
+            tuple(roles),
+        )
+        for name, roles in by_layer.items()
+    )
+    provenance = None
+    if PROVENANCE_KEY in tw.metadata:
+        try:
+            provenance = json.loads(tw.metadata[PROVENANCE_KEY])
+        except ValueError as e:
+            raise WeightFileError(f"{tw.path}: unreadable vggnorm provenance: {e}") from e
+    preprocess = _adain_preprocess(tw) if tw.layout == "adain" else tw.info.preprocessing
+    wf = WeightFile(tw.path, tw.container, layers, None, provenance, tw.layout, preprocess)
+    return WeightSet(wf, tw.arrays)
+
+
+def write_torch_weights(
+    src: WeightFile,
+    dst: str | os.PathLike[str],
+    arrays: Mapping[str, np.ndarray],
+    provenance: Mapping[str, Any],
+    extra: Mapping[str, np.ndarray] | None = None,
+    *,
+    force: bool = False,
+) -> list[str]:
+    """Write ``src`` (a PyTorch file) to ``dst`` in its own container and layout with ``arrays``
+    (Keras names) replaced; provenance and ``extra`` arrays go into the metadata (safetensors
+    header, or the ``.pth`` sidecar). Returns ``[]`` (nothing is ever dropped)."""
+    dst_path = Path(dst)
+    if container_of(dst_path) != container_of(src.path):
+        raise WeightFileError(
+            f"--out {dst_path.name} must be a {src.path.suffix} file like --in {src.path.name}: "
+            "apply keeps the input's format (use `vggnorm export` to convert)"
+        )
+    check_output(dst_path, force=force, inputs=[src.path], error=WeightFileError)
+    tw = read_torch(src.path)
+    merged = {**tw.arrays, **arrays}
+    metadata = {PROVENANCE_KEY: json.dumps(dict(provenance), sort_keys=True)}
+    if extra:
+        metadata[SCALES_KEY] = json.dumps({k: np.asarray(v).tolist() for k, v in extra.items()})
+    write_torch(dst_path, tw.layout, merged, source=tw, metadata=metadata, arch=tw.arch)
+    return []
