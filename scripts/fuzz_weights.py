@@ -1,0 +1,239 @@
+"""Flip single metadata bytes of a weight file and count what reading it does (issue #10, item 5).
+
+Every byte outside the raw storage of the file's datasets is a candidate (superblock, object
+headers, B-trees, heaps); ``--positions`` of them are drawn with a fixed seed, each flipped with
+one of the XOR masks 0x01, 0x10, 0x80, 0xFF. Each damaged copy is read twice:
+
+(a) unguarded: ``vggnorm.weights_io.read_weights`` as the CLI calls it today, run in a plain
+    forked child with a deadline only so that this script survives hangs;
+(b) guarded: ``vggnorm.guard.run_guarded(read_weights, ...)``.
+
+Outcomes: ``ok`` (read), ``clean`` (a one-line :class:`VggnormError` naming the file), ``other``
+(any other exception: a traceback for the user), ``timeout`` (the read hung), ``crash``.
+
+Usage::
+
+    python scripts/fuzz_weights.py                     # generated: VGG16 layout, 1/16 channels
+    python scripts/fuzz_weights.py vgg16_notop.h5 --positions 160
+    python scripts/fuzz_weights.py --stats             # a generated stats file, read_stats
+    python scripts/fuzz_weights.py --overhead          # start-up and transfer costs
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vggnorm import guard
+from vggnorm.errors import StatsError, VggnormError, WeightFileError
+from vggnorm.stats import LayerStats
+from vggnorm.statsfile import StatsMeta, StatsRecord, read_stats, write_stats
+from vggnorm.weights_io import read_weights
+
+FLIPS = (0x01, 0x10, 0x80, 0xFF)
+VGG16 = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+         (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]  # fmt: skip
+
+
+CONV_NAMES = [
+    f"block{b}_conv{c}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for c in range(1, n + 1)
+]
+
+
+def write_legacy(path: Path, convs: list[tuple[int, int]], dense: list[tuple[int, int]]) -> Path:
+    """A keras.applications-style legacy file of random float32 weights (contiguous datasets)."""
+    rng = np.random.default_rng(0)
+    layers = [(CONV_NAMES[i], (3, 3, a, b), b) for i, (a, b) in enumerate(convs)]
+    layers += [(n, (a, b), b) for n, (a, b) in zip(("fc1", "fc2", "predictions"), dense)]
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([n.encode() for n, _, _ in layers])
+        for name, kshape, n_out in layers:
+            g = f.create_group(name)
+            g.attrs["weight_names"] = np.array([f"{name}_W_1:0".encode(), f"{name}_b_1:0".encode()])
+            g.create_dataset(f"{name}_W_1:0", data=rng.standard_normal(kshape, dtype=np.float32))
+            g.create_dataset(f"{name}_b_1:0", data=rng.standard_normal(n_out, dtype=np.float32))
+    return path
+
+
+def write_stats_file(path: Path) -> Path:
+    """A stats file for a 13-conv model (what `vggnorm stats` writes), 3 images, 1 skipped."""
+    meta = StatsMeta(
+        model="vgg16", fingerprint="f" * 64, weights="w.h5", size=224,
+        resize="shorter-center-crop", interpolation="bicubic", draft=False, preprocess="caffe",
+        precision="fp32", dataset_kind="folder", dataset_path="/d", dataset_root="/d",
+        annotations=None, dataset_items=4, selection_sha256="0" * 64, selection_size=4,
+        complete=True,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    layers = tuple(
+        LayerStats(name, rng.uniform(1, 2, b), rng.uniform(3, 4, b), 1000)
+        for name, (_, b) in zip(CONV_NAMES, VGG16)
+    )
+    skipped = (("d.jpg", "decode", "cannot identify image file"),)
+    write_stats(path, StatsRecord(meta, layers, ("a.jpg", "b.jpg", "c.jpg"), skipped))
+    return path
+
+
+def metadata_offsets(path: Path) -> np.ndarray:
+    mask = np.ones(path.stat().st_size, dtype=bool)
+
+    def visit(_: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.id.get_offset() is not None:
+            start = obj.id.get_offset()
+            mask[start : start + obj.id.get_storage_size()] = False
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return np.flatnonzero(mask)
+
+
+def _unguarded_child(path: str, conn: Any, stats: bool) -> None:
+    try:
+        (read_stats if stats else read_weights)(path)
+        conn.send("ok")
+    except VggnormError as e:
+        conn.send("clean" if "\n" not in str(e) and path in str(e) else "other")
+    except BaseException as e:  # a traceback for the user
+        conn.send(f"other:{type(e).__name__}")
+
+
+def unguarded(path: Path, timeout: float, stats: bool) -> str:
+    ctx = multiprocessing.get_context("fork")  # this script is single-threaded
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_unguarded_child, args=(str(path), send, stats), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout):
+            return "timeout"
+        return str(recv.recv()).split(":")[0]
+    except EOFError:
+        return "crash"
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+
+
+def guarded(path: Path, timeout: float, stats: bool) -> str:
+    reader, error = (read_stats, StatsError) if stats else (read_weights, WeightFileError)
+    try:
+        guard.run_guarded(reader, path, what=path, timeout=timeout, error=error)
+    except VggnormError as e:
+        if "reading took more than" in str(e):
+            return "timeout"
+        return "clean" if "\n" not in str(e) and str(path) in str(e) else "other"
+    except BaseException:
+        return "other"
+    return "ok"
+
+
+def fuzz(src: Path, positions: int, seed: int, timeout: float, work: Path, stats: bool) -> None:
+    data = src.read_bytes()
+    offsets = metadata_offsets(src)
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(offsets, size=min(positions, len(offsets)), replace=False))
+    counts: dict[str, collections.Counter[str]] = {"unguarded": collections.Counter(),
+                                                   "guarded": collections.Counter()}  # fmt: skip
+    seconds = {"unguarded": 0.0, "guarded": 0.0}
+    for offset in picked:
+        mask = FLIPS[int(rng.integers(len(FLIPS)))]
+        damaged = bytearray(data)
+        damaged[offset] ^= mask
+        path = work / f"flip_{offset}_{mask:02x}{src.suffix}"
+        path.write_bytes(damaged)
+        for name, reader in (("unguarded", unguarded), ("guarded", guarded)):
+            t0 = time.perf_counter()
+            counts[name][reader(path, timeout, stats)] += 1
+            seconds[name] += time.perf_counter() - t0
+        path.unlink()
+    print(f"file {src.name}: {len(data)} bytes, {len(offsets)} outside dataset storage; "
+          f"{len(picked)} single-byte flips (seed {seed}), deadline {timeout:g} s")  # fmt: skip
+    for name in ("unguarded", "guarded"):
+        c = counts[name]
+        print(f"  {name:9s}  ok {c['ok']:4d}  clean error {c['clean']:4d}  other exception "
+              f"{c['other']:4d}  timeout {c['timeout']:3d}  crash {c['crash']:3d}  "
+              f"({seconds[name]:.1f} s)")  # fmt: skip
+
+
+def _noop() -> int:
+    return 0
+
+
+def overhead(work: Path) -> None:
+    """Start-up per guarded call (spawn vs forkserver) and the cost of bringing 553 MB back."""
+    for method in ("spawn", "forkserver"):
+        ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload(["__main__", *guard._PRELOAD])
+        guard._ctx = ctx
+        t0 = time.perf_counter()
+        guard.run_guarded(_noop, what="x", timeout=60)
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            guard.run_guarded(_noop, what="x", timeout=60)
+            times.append(time.perf_counter() - t0)
+        print(f"{method:10s} first call {first:.3f} s, then median {np.median(times):.4f} s "
+              f"(min {min(times):.4f}, max {max(times):.4f})")  # fmt: skip
+    big = write_legacy(work / "vgg16_full.h5", VGG16, [(25088, 4096), (4096, 4096), (4096, 1000)])
+    print(f"VGG16-sized file: {big.stat().st_size / 1e6:.0f} MB (page cache warm)")
+    read_weights(big)
+    rows = collections.defaultdict(list)
+    for _ in range(3):
+        t0 = time.perf_counter()
+        read_weights(big)
+        rows["in process"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        guard.run_guarded(read_weights, big, what=big)
+        rows["guarded (forkserver, arrays via memfd)"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with multiprocessing.get_context("forkserver").Pool(1) as pool:
+            pool.apply(read_weights, (big,))
+        rows["Pool.apply (plain pickle through a pipe)"].append(time.perf_counter() - t0)
+    for name, ts in rows.items():
+        runs = ", ".join(f"{t:.2f}" for t in ts)
+        print(f"  {name:42s} median {np.median(ts):.2f} s  (runs: {runs})")
+    big.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("file", nargs="?", type=Path, help="weight file (default: tiny legacy .h5)")
+    parser.add_argument("--positions", type=int, default=160, help="flips to try (default 160)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="deadline per read (default 10)"
+    )
+    parser.add_argument("--stats", action="store_true", help="fuzz a generated stats file")
+    parser.add_argument("--overhead", action="store_true", help="measure the guard's costs instead")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vggnorm-fuzz-") as tmp:
+        work = Path(tmp)
+        if args.overhead:
+            overhead(work)
+            return
+        if args.stats:
+            src = write_stats_file(work / "stats.h5")
+        else:
+            # VGG16's 16 layers and names (so the same metadata), channels divided by 16.
+            small = [(max(a // 16, 3), b // 16) for a, b in VGG16]
+            src = args.file or write_legacy(work / "vgg16_small.h5", small, [(1568, 256),
+                                            (256, 256), (256, 100)])  # fmt: skip
+        fuzz(src, args.positions, args.seed, args.timeout, work, stats=args.stats)
+
+
+if __name__ == "__main__":
+    main()
