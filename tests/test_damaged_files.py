@@ -26,8 +26,8 @@ from vggnorm import guard
 from vggnorm.errors import DatasetError, StatsError, VggnormError, WeightFileError
 from vggnorm.guard import read_timeout, run_guarded
 from vggnorm.stats import LayerStats
-from vggnorm.statsfile import StatsMeta, StatsRecord, read_stats, write_stats
-from vggnorm.weights_io import read_weights
+from vggnorm.statsfile import StatsMeta, StatsRecord, _read_stats, read_stats, write_stats
+from vggnorm.weights_io import _read_weights, read_weights
 
 #: Deadline of one fuzzed read. A tiny file reads in milliseconds; this only bounds a hang.
 FUZZ_TIMEOUT = 5.0
@@ -148,10 +148,11 @@ def check_outcome(
     error: type[VggnormError],
     check_ok: Callable[[Any], None],
 ) -> str:
-    """One guarded read of a damaged file: ``"ok"`` or ``"error"``; anything else fails."""
+    """One read of a damaged file through the public (guarded) reader ``fn``, its deadline set
+    to ``FUZZ_TIMEOUT`` (``guard_deadline`` fixture): ``"ok"`` or ``"error"``; else it fails."""
     t0 = time.monotonic()
     try:
-        result = run_guarded(fn, path, what=path, timeout=FUZZ_TIMEOUT, error=error)
+        result = fn(path)
     except VggnormError as e:
         message = str(e)
         assert type(e) is error, f"{path.name}: {type(e).__name__}: {message}"
@@ -194,17 +195,23 @@ def stats_ok(record: Any) -> None:
 # The fuzz: 150 damaged files, one guarded read each
 
 
+@pytest.fixture(autouse=True)
+def guard_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The product readers' deadline, short enough for a fuzz of damaged files."""
+    monkeypatch.setenv(guard.TIMEOUT_ENV, str(FUZZ_TIMEOUT))
+
+
 def test_fixtures_read_intact_and_the_same_as_in_process(tmp_path: Path) -> None:
     legacy = write_legacy_h5(tmp_path / "w.h5")
     keras = write_keras_zip(tmp_path / "m.keras", write_weights_h5(tmp_path / "i.h5").read_bytes())
     stats = write_stats_file(tmp_path / "s.h5")
     for path in (legacy, keras):
-        got, want = run_guarded(read_weights, path, what=path), read_weights(path)
+        got, want = read_weights(path), _read_weights(path)  # guarded vs in this process
         assert got.file == want.file
         assert got.arrays.keys() == want.arrays.keys()
         for k, v in want.arrays.items():
             assert got.arrays[k].dtype == v.dtype and got.arrays[k].tobytes() == v.tobytes()
-    got_s, want_s = run_guarded(read_stats, stats, what=stats, error=StatsError), read_stats(stats)
+    got_s, want_s = read_stats(stats), _read_stats(stats)
     assert (got_s.meta, got_s.images, got_s.skipped) == (want_s.meta, want_s.images, want_s.skipped)
     for a, b in zip(got_s.layers, want_s.layers, strict=True):
         assert (a.name, a.count, a.sum.tobytes(), a.sumsq.tobytes()) == (

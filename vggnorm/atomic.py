@@ -150,7 +150,12 @@ def output_lock(target: Path, what: str = "") -> Iterator[None]:
         yield
         return
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            if not target.parent.is_dir():
+                raise OutputError(f"{target.parent}: output directory does not exist") from e
+            raise OutputError(f"cannot write in {target.parent}: {e.strerror or e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

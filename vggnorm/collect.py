@@ -100,6 +100,12 @@ def collect_stats(
             raise VggnormError(
                 f"image size {decode.size} is too small for {arch.name}: at least {arch.min_size()}"
             )
+        if arch.padding == "reflect" and decode.size % arch.min_size():
+            # AdaIN pools with ceil_mode, which equals our floor pooling only on even maps.
+            raise VggnormError(
+                f"image size {decode.size}: the AdaIN layout needs a multiple of "
+                f"{arch.min_size()} (its ceil-mode pooling differs on odd-sized maps)"
+            )
         ds = (
             data
             if isinstance(data, Dataset)

@@ -10,6 +10,7 @@ where :mod:`vggnorm.stats` accumulates them in float64.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -56,6 +57,8 @@ def keras_module() -> Any:
     if "keras" in sys.modules:
         return sys.modules["keras"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # predict_on_batch on a last, smaller batch retraces; that warning is noise for users.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         with _native_stderr_captured():
             import keras

@@ -122,9 +122,21 @@ def write_stats(path: str | os.PathLike[str], record: StatsRecord) -> None:
 def read_stats(path: str | os.PathLike[str]) -> StatsRecord:
     """Read a stats file written by :func:`write_stats`.
 
+    Read in a child process with a deadline (:mod:`vggnorm.guard`), and validated
+    (:func:`validate`): a damaged file ends in one :class:`StatsError`, never a traceback or hang.
+
     Raises:
-        StatsError: missing, not a vggnorm stats file, or from a newer format version.
+        StatsError: missing, damaged, not a vggnorm stats file, or from a newer format version.
     """
+    p = Path(path)
+    if not p.is_file():
+        raise StatsError(f"{p}: no such stats file (run `vggnorm stats` first, or pass --stats)")
+    from .guard import run_guarded
+
+    return run_guarded(_read_stats, p, what=p, error=StatsError)
+
+
+def _read_stats(path: Path) -> StatsRecord:
     import h5py
 
     p = Path(path)

@@ -40,6 +40,7 @@ import numpy as np
 
 from .atomic import atomic_path, check_output, output_lock
 from .errors import WeightFileError
+from .guard import run_guarded
 from .weightset import Format, LayerEntry, WeightFile, WeightSet, roles_of, suffix_of
 
 try:
@@ -320,8 +321,30 @@ def _describe(f: Any, p: Path, fmt: Format) -> WeightFile:
     return WeightFile(p, fmt, layers, config, _read_provenance(f))
 
 
+def _touch_all(f: Any) -> None:
+    """Parse every object header and attribute of the file (what ``write_weights`` copies), so
+    that damage anywhere shows here, in the guarded child, not later in the writing process."""
+
+    def visit(name: str, obj: Any) -> None:
+        for key in obj.attrs:
+            obj.attrs[key]
+        if isinstance(obj, h5py.Dataset):
+            obj.shape, obj.dtype  # noqa: B018
+
+    for key in f.attrs:
+        f.attrs[key]
+    f.visititems(visit)
+
+
 def inspect_weights(path: str | os.PathLike[str]) -> WeightFile:
-    """Describe a weight file (layout, layers, shapes, config, provenance) without its arrays."""
+    """Describe a weight file (layout, layers, shapes, config, provenance) without its arrays.
+
+    Read in a child process with a deadline (:mod:`vggnorm.guard`): a damaged file ends in one
+    :class:`WeightFileError`, never a traceback or a hang."""
+    return run_guarded(_inspect_weights, Path(path), what=path)
+
+
+def _inspect_weights(path: Path) -> WeightFile:
     p = Path(path)
     fmt = detect_format(p)
     with _h5_of(p, fmt) as f:
@@ -339,18 +362,24 @@ def read_weights(path: str | os.PathLike[str]) -> WeightSet:
         ``"<layer>/kernel"``, ``"<layer>/bias"`` (conv and dense layers) or ``"<layer>/<i>"``.
 
     Raises:
-        WeightFileError: unreadable file, unknown layout, links, or NaN/inf weights.
+        WeightFileError: unreadable, damaged (read in a child process with a deadline, see
+            :mod:`vggnorm.guard`) or unknown layout, links, or NaN/inf weights.
 
     Example:
         >>> ws = read_weights("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")  # doctest: +SKIP
         >>> ws.arrays["block1_conv1/kernel"].shape  # doctest: +SKIP
         (3, 3, 3, 64)
     """
+    return run_guarded(_read_weights, Path(path), what=path)
+
+
+def _read_weights(path: Path) -> WeightSet:
     p = Path(path)
     fmt = detect_format(p)
     arrays: dict[str, np.ndarray] = {}
     with _h5_of(p, fmt) as f:  # one open (for .keras: one extraction) for both
         wf = _describe(f, p, fmt)
+        _touch_all(f)  # every attribute the writer will copy is parsed here, in the child
         for entry in wf.layers:
             for key, ds_path in zip(entry.keys(), entry.datasets):
                 try:
