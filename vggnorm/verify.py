@@ -24,11 +24,12 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from .archs import ActivationSpec, Arch, DenseSpec
 from .data import Dataset, Decode, iter_batches
 from .errors import StatsError, WeightFileError
 from .measure import Counted, feature_net, measure
@@ -250,7 +251,6 @@ def _remeasure(
     workers: int, notes: list[str], progress: Callable[[Progress], None] | None, engine: Any,
 ) -> tuple[tuple[LayerStats, ...], int]:  # fmt: skip
     """The normalized network's statistics over ``items``, measured in fp32 as ``stats`` did."""
-    from dataclasses import replace
 
     meta = replace(record.meta, precision="fp32")
     zero = empty_stats((c.name, c.filters) for c in norm.bound.arch.convs)
@@ -297,13 +297,29 @@ def _judge(
     )  # fmt: skip
 
 
+def _logits(arch: Arch) -> Arch:
+    """``arch`` with a final softmax left out: predictions are compared as logits. A float32
+    logit error of e (relative to the largest logit, as every layer is judged) moves a softmax
+    output by up to 2 e |z|, which for the large logits of random or over-confident heads is
+    far above e; the logits carry the function, the softmax only normalises them."""
+    head = arch.head
+    if head is None or not head.layers:
+        return arch
+    last = head.layers[-1]
+    if isinstance(last, ActivationSpec) and last.activation == "softmax":
+        layers = head.layers[:-1]
+    elif isinstance(last, DenseSpec) and last.activation == "softmax":
+        layers = (*head.layers[:-1], replace(last, activation="linear"))
+    else:
+        return arch
+    return replace(arch, head=replace(head, layers=layers))
+
+
 def _check_head(
     orig: Loaded, norm: Loaded, ds: Dataset, items: Sequence[str], decode: Decode,
     record: StatsRecord, notes: list[str],
 ) -> dict[str, float] | None:  # fmt: skip
     """Compare the classifier outputs of both networks, when the head is fully known."""
-    from dataclasses import replace
-
     from .model import FeatureNet
 
     head = orig.bound.arch.head
@@ -315,7 +331,7 @@ def _check_head(
     size = head.input_size or decode.size
     d = replace(decode, size=size)
     nets = [
-        FeatureNet(x.bound.arch, x.arrays, size, record.meta.preprocess,  # type: ignore[arg-type]
+        FeatureNet(_logits(x.bound.arch), x.arrays, size, record.meta.preprocess,  # type: ignore[arg-type]
                    outputs="activations", with_head=True)
         for x in (orig, norm)
     ]  # fmt: skip

@@ -341,7 +341,7 @@ def inspect_weights(path: str | os.PathLike[str]) -> WeightFile:
 
     Read in a child process with a deadline (:mod:`vggnorm.guard`): a damaged file ends in one
     :class:`WeightFileError`, never a traceback or a hang."""
-    return run_guarded(_inspect_weights, Path(path), what=path)
+    return run_guarded(_inspect_weights, Path(path), what=Path(path))
 
 
 def _inspect_weights(path: Path) -> WeightFile:
@@ -370,7 +370,7 @@ def read_weights(path: str | os.PathLike[str]) -> WeightSet:
         >>> ws.arrays["block1_conv1/kernel"].shape  # doctest: +SKIP
         (3, 3, 3, 64)
     """
-    return run_guarded(_read_weights, Path(path), what=path)
+    return run_guarded(_read_weights, Path(path), what=Path(path))
 
 
 def _read_weights(path: Path) -> WeightSet:
