@@ -190,13 +190,18 @@ def test_round_trip_is_bit_exact_and_leaves_the_input_alone(
         assert np.array_equal(canonical["fc1/kernel"], state["classifier.0.weight"].T)
 
 
-def test_adain_fixed_conv_passes_through_and_needs_a_source() -> None:
+def test_adain_fixed_conv_passes_through_or_is_the_published_one() -> None:
+    from vggnorm.torch_layouts import ADAIN_INPUT_CONV
+
     state = random_state(state_shapes("adain", "vgg19"))
     canonical = to_canonical(state, "adain", "vgg19")
     back = from_canonical(canonical, "adain", "vgg19", source=state)
     assert back["0.weight"] is state["0.weight"]
-    with pytest.raises(WeightFileError, match="source"):
-        from_canonical(canonical, "adain", "vgg19")
+    fresh = from_canonical(canonical, "adain", "vgg19")  # an export: no source file
+    assert list(fresh) == list(back)  # the Sequential's order, input conv first
+    assert np.array_equal(fresh["0.weight"], ADAIN_INPUT_CONV["0.weight"])
+    assert np.array_equal(fresh["0.bias"], ADAIN_INPUT_CONV["0.bias"])
+    assert all(np.array_equal(fresh[k], back[k]) for k in back if not k.startswith("0."))
 
 
 def test_from_canonical_refuses_shape_changes() -> None:

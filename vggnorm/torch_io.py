@@ -28,6 +28,7 @@ from .archs import ARCHS
 from .atomic import atomic_path, check_output
 from .errors import WeightFileError
 from .torch_layouts import (
+    ADAIN_INPUT_CONV,
     LAYOUTS,
     Layout,
     LayoutInfo,
@@ -406,18 +407,16 @@ def read_provenance(path: Path | str) -> dict[str, str]:
 PROVENANCE_KEY = "vggnorm.provenance"
 SCALES_KEY = "vggnorm.scales"
 
-# AdaIN's first layer: RGB in [0, 1] -> BGR in [0, 255] minus the caffe mean, as a 1x1 conv.
-_ADAIN_RGB_TO_CAFFE_W = np.array([[0, 0, 255], [0, 255, 0], [255, 0, 0]], np.float64)
-_ADAIN_RGB_TO_CAFFE_B = np.array([-103.939, -116.779, -123.68], np.float64)
 
 
 def _adain_preprocess(tw: TorchWeights) -> str:
     """AdaIN's fixed 1x1 conv is caffe preprocessing of 0-255 RGB when it is the published one;
     statistics then run it as ``caffe`` preprocessing. Any other first layer is refused."""
-    w = np.asarray(tw.state["0.weight"], np.float64).reshape(3, 3)
-    b = np.asarray(tw.state["0.bias"], np.float64)
-    if np.allclose(w, _ADAIN_RGB_TO_CAFFE_W, rtol=0, atol=1e-3) and np.allclose(
-        b, _ADAIN_RGB_TO_CAFFE_B, rtol=0, atol=1e-3
+    stock = ADAIN_INPUT_CONV
+    w, b = (np.asarray(tw.state[k], np.float64).ravel() for k in ("0.weight", "0.bias"))
+    # float32 storage of the published values: equal to a few ulps of 255 and 124
+    if np.allclose(w, stock["0.weight"].ravel(), rtol=0, atol=1e-4) and np.allclose(
+        b, stock["0.bias"], rtol=0, atol=1e-4
     ):
         return "caffe"
     raise WeightFileError(

@@ -100,6 +100,13 @@ LAYOUTS: dict[Layout, LayoutInfo] = {
     ),
 }
 
+#: AdaIN's fixed first layer (``vgg_normalised.pth``): a 1x1 conv taking RGB in [0, 1] to caffe
+#: input, BGR in [0, 255] minus the ImageNet mean.
+ADAIN_INPUT_CONV: dict[str, np.ndarray] = {
+    "0.weight": np.array([[0, 0, 255], [0, 255, 0], [255, 0, 0]], np.float32).reshape(3, 3, 1, 1),
+    "0.bias": np.array([-103.939, -116.779, -123.68], np.float32),
+}
+
 #: torchvision ``classifier`` indices of the three Linear layers, in order.
 _CLASSIFIER_INDICES = (0, 3, 6)
 
@@ -344,8 +351,9 @@ def from_canonical(
             for o, t in mapping.items()
             if o in canonical or o not in head_key_map(layout, arch_name)
         ]
-        if layout == "adain":
-            raise WeightFileError("adain: writing needs the source state dict (for '0.weight')")
+        if layout == "adain":  # the published fixed input conv first, then the rest
+            source = {**ADAIN_INPUT_CONV, **{t: np.empty(0) for t in order}}
+            order = list(source)
     else:
         order = list(source)
     out: dict[str, np.ndarray] = {}
@@ -362,7 +370,7 @@ def from_canonical(
             w = w.transpose(3, 2, 0, 1)
         elif w.ndim == 2:
             w = w.T
-        if source is not None and w.shape != np.shape(source[key]):
+        if source is not None and np.size(source[key]) and w.shape != np.shape(source[key]):
             raise WeightFileError(
                 f"{layout} {arch_name}: {ours} gives {key} shape {w.shape}, "
                 f"the source has {np.shape(source[key])}"
