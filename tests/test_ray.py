@@ -100,11 +100,23 @@ def test_killed_driver_resumes_to_the_same_result(
             "--batch-size", "2", "--out", str(out), "--checkpoint-every", "0", "-q"]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vggnorm", *argv, "--ray", cluster, "--ray-workers", "1",
-         "--ray-cpus-per-worker", "1"],  # fmt: skip
-        env=env, cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "vggnorm",
+            *argv,
+            "--ray",
+            cluster,
+            "--ray-workers",
+            "1",
+            "--ray-cpus-per-worker",
+            "1",
+        ],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
