@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stats import REPO, make_jpegs  # noqa: E402
+from bench_stats import REPO, make_jpegs
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
