@@ -42,7 +42,7 @@ def main() -> int:
             for threads in (int(t) for t in a.threads.split(",")):
                 with ThreadPoolExecutor(threads) as pool:
                     t = time.monotonic()
-                    list(pool.map(lambda q: load_image(q, decode), paths))
+                    list(pool.map(load_image, paths, [decode] * len(paths)))
                     rate = a.images / (time.monotonic() - t)
                 print(f"{'draft' if draft else 'full '} decode, {threads} thread(s): "
                       f"{rate:7.1f} img/s, {rate / threads:7.1f} img/s per core")  # fmt: skip
