@@ -125,10 +125,10 @@ def test_full_file_system_is_found_before_any_work(
         f_bavail, f_frsize = 3, real.f_frsize
 
     monkeypatch.setattr(atomic.os, "statvfs", lambda path: Full)
-    with pytest.raises(StatsError, match="MiB free, about 1.0 MiB needed to write s.h5"):
+    with pytest.raises(StatsError, match=r"MiB free, about 1\.0 MiB needed to write s\.h5"):
         check_output(tmp_path / "s.h5", error=StatsError)
     # the weights writer asks for the source's size
-    with pytest.raises(WeightFileError, match="needed to write w.h5"):
+    with pytest.raises(WeightFileError, match=r"needed to write w\.h5"):
         check_output(tmp_path / "w.h5", error=WeightFileError, need_bytes=3 * real.f_frsize + 1)
 
 

@@ -1,0 +1,148 @@
+"""``--ray``: the cluster run equals the single-process run, survives killed workers and drivers,
+and names the node that cannot read the dataset (one local Ray cluster for the module)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from photos import write_photos
+
+from vggnorm.cli import EXIT_OK, main
+from vggnorm.collect import collect_stats
+from vggnorm.data import Decode, open_dataset
+from vggnorm.errors import DatasetError
+from vggnorm.statsfile import StatsRecord, read_stats
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.keras]
+N_IMAGES = 22  # with an empty file among them: skips move the batch boundaries
+
+
+@pytest.fixture(scope="module")
+def cluster() -> object:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, StatsRecord]:
+    from keras_files import save_downloaded_layout, tiny_vgg
+
+    root = tmp_path_factory.mktemp("raydata")
+    write_photos(root, [f"{i:02d}.jpg" for i in range(N_IMAGES)], 3, max_side=70)
+    (root / "zero.jpg").write_bytes(b"")
+    weights = save_downloaded_layout(tiny_vgg(arch="vgg16"), root.parent / "vgg16_notop.h5")
+    reference = collect_stats(weights, root, decode=Decode(32), batch_size=2)
+    return root, weights, reference
+
+
+def _engine(workers: int, **kw: object) -> object:
+    from vggnorm.ray_engine import RayEngine
+
+    return RayEngine(workers=workers, cpus_per_worker=1, block_batches=2, **kw)  # type: ignore[arg-type]
+
+
+def _same(a: StatsRecord, b: StatsRecord) -> None:
+    assert a.images == b.images
+    assert a.skipped == b.skipped
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert x.count == y.count
+        np.testing.assert_allclose(x.sum, y.sum, rtol=1e-12)
+        np.testing.assert_allclose(x.sumsq, y.sumsq, rtol=1e-12)
+
+
+def test_one_and_two_workers_equal_the_single_process_run(cluster: object, setup: tuple) -> None:
+    root, weights, reference = setup
+    assert reference.skipped  # the empty file
+    lines: list[str] = []
+    for n in (1, 2):
+        engine = _engine(n, report=lines.append)
+        _same(
+            collect_stats(weights, root, decode=Decode(32), batch_size=2, engine=engine), reference
+        )
+    assert any("ray worker 1:" in line and "img/s" in line for line in lines)
+
+
+def test_a_worker_killed_mid_run_changes_nothing(cluster: object, setup: tuple) -> None:
+    root, weights, reference = setup
+    engine = _engine(2)
+    killed: list[int] = []
+
+    def kill_first_worker(_: object) -> None:
+        if not killed:
+            pid = engine.slots[0].where["pid"]  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    record = collect_stats(weights, root, decode=Decode(32), batch_size=1, engine=engine,
+                           progress=kill_first_worker)  # fmt: skip
+    assert killed
+    _same_images = record.images == reference.images
+    assert _same_images
+    one = collect_stats(weights, root, decode=Decode(32), batch_size=1)
+    _same(record, one)
+
+
+def test_killed_driver_resumes_to_the_same_result(
+    cluster: str, setup: tuple, tmp_path: Path
+) -> None:
+    root, weights, reference = setup
+    out = tmp_path / "s.npz"
+    argv = ["stats", "--data", str(root), "--weights", str(weights), "--size", "32",
+            "--batch-size", "2", "--out", str(out), "--checkpoint-every", "0", "-q"]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vggnorm",
+            *argv,
+            "--ray",
+            cluster,
+            "--ray-workers",
+            "1",
+            "--ray-cpus-per-worker",
+            "1",
+        ],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert out.exists()
+    saved = read_stats(out)
+    assert not saved.meta.complete and 0 < saved.meta.position < N_IMAGES + 1
+    assert (
+        main([*argv, "--resume", "--ray", "--ray-workers", "2", "--ray-cpus-per-worker", "1"])
+        == EXIT_OK
+    )
+    _same(read_stats(out), reference)
+
+
+def test_unreadable_dataset_on_a_worker_names_the_node(
+    cluster: object, setup: tuple, tmp_path: Path
+) -> None:
+    _, weights, _ = setup
+    root = tmp_path / "gone"
+    write_photos(root, ["a.jpg", "b.jpg"], 1)
+    ds = open_dataset(root)  # the driver listed it; the workers find it gone
+    root.rename(tmp_path / "moved")
+    with pytest.raises(DatasetError) as e:
+        collect_stats(weights, ds, decode=Decode(32), batch_size=2, engine=_engine(1))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "Ray worker on node" in msg and ray.util.get_node_ip_address() in msg
+    assert str(root) in msg

@@ -1,0 +1,349 @@
+"""Run the measuring step on a Ray cluster (``--ray``): same images, same order, same result.
+
+The selection ``items[start:]`` is cut into fixed blocks of ``block_batches * batch_size`` items.
+Each image's statistics do not depend on the batch it falls in (:meth:`FeatureNet.moments` pads
+every batch to the full batch size), so a block's sums are exactly the sums of its images.
+Each worker is a Ray actor that builds the network once (:func:`vggnorm.measure.feature_net`, the
+weights sent once through the object store) and runs :func:`vggnorm.measure.measure` over a
+block, adding its per-batch :class:`~vggnorm.measure.Counted` with ``plus``: the single-process
+step, only elsewhere (STYLE.md 14). The driver yields blocks in block order, holding back those
+that finish early, so the sums are the single-process run's to float64 rounding for any number
+of workers, and the stats file written after each yielded block is a valid checkpoint.
+
+Faults: a worker killed mid-block is restarted by Ray and its blocks retried
+(``max_restarts``/``max_task_retries``); if Ray gives up, the block is re-submitted to another
+worker, or to a fresh one. Closing the generator (end, Ctrl-C, error) cancels outstanding blocks
+and kills the workers; the cluster is shut down only if this engine started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .data import Dataset
+from .errors import DatasetError, VggnormError
+from .measure import Counted
+from .pipeline import Loaded
+from .statsfile import StatsMeta
+
+#: Items per block, in batches: big enough that a block's result (a few MB of sums) and its
+#: scheduling are small next to its forward passes, small enough to spread and to lose little.
+BLOCK_BATCHES = 8
+#: Blocks queued on one worker at a time, so it never waits for the driver between blocks.
+DEPTH = 2
+#: Attempts of one block (after Ray's own retries) before the run fails.
+BLOCK_ATTEMPTS = 3
+WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise VggnormError("--ray needs Ray: pip install 'vggnorm[ray]'") from e
+    return ray
+
+
+class Worker:
+    """The body of one Ray actor (wrapped with ``ray.remote`` at run time, so that importing
+    this module needs no Ray): the network built once, then one block per call."""
+
+    def __init__(
+        self, loaded: Loaded, meta: StatsMeta, ds: Dataset, items: Sequence[str], threads: int,
+        batch_size: int,
+    ) -> None:  # fmt: skip
+        os.environ.update(WORKER_ENV)
+        from .measure import feature_net
+
+        self.net = feature_net(loaded, meta, batch_size)
+        self.ds = ds
+        self.items = items
+        self.meta = meta
+        self.threads = threads
+
+    def where(self) -> dict[str, Any]:
+        """This worker's node, actor and process, and whether it can read the dataset root."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        problem = None
+        try:
+            os.listdir(self.ds.root)
+        except OSError as e:
+            problem = f"{type(e).__name__}: {e.strerror or e}"
+        return {
+            "node_ip": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+            "node_id": ctx.get_node_id(),
+            "actor_id": ctx.get_actor_id(),
+            "pid": os.getpid(),
+            "problem": problem,
+        }
+
+    def block(
+        self, start: int, end: int, batch_size: int, strict: bool
+    ) -> tuple[Counted, dict[str, Any]]:
+        """The sums of ``items[start:end]``, counted and skipped images in order; ``end`` is the
+        position after the block in the whole selection."""
+        from .measure import measure
+        from .pipeline import decode_of
+
+        t0 = time.monotonic()
+        total: Counted | None = None
+        stretches = measure(self.net, self.ds, self.items[start:end], decode_of(self.meta),
+                            batch_size, workers=self.threads, strict=strict)  # fmt: skip
+        try:
+            for counted in stretches:
+                total = counted if total is None else total.plus(counted)
+        finally:
+            stretches.close()
+        assert total is not None  # a block holds at least one item
+        return replace(total, end=end), {"pid": os.getpid(), "seconds": time.monotonic() - t0}
+
+
+@dataclass
+class _Slot:
+    """One worker as the driver sees it."""
+
+    handle: Any
+    where: dict[str, Any] = field(default_factory=dict)
+    inflight: int = 0
+    dead: bool = False  # Ray gave up on it: no new blocks until it is replaced
+    images: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    pids: set[int] = field(default_factory=set)
+
+
+class RayEngine:
+    """Where ``stats`` and ``verify`` run their forward passes: a Ray cluster.
+
+    Call it as ``engine(loaded, ds, items, meta, batch_size, start, strict)``: a generator of
+    :class:`Counted`, one per block of ``items[start:]``, in order.
+
+    Args:
+        address: as ``ray.init`` takes it (``auto``, ``ray://host:10001``, ``host:port``); None
+            starts a local cluster of this machine. If Ray is already initialised in this
+            process, that connection is used and left open.
+        workers: number of workers; default one per GPU, else one per ``cpus_per_worker`` CPUs.
+        cpus_per_worker: CPUs each worker reserves (decoding threads, and the forward pass
+            without GPUs).
+        batch_size: images per forward pass (the call's ``batch_size`` wins; kept for
+            ``description``).
+        block_batches: batches per block.
+        report: called with each line of the per-worker summary at the end of a run.
+        max_restarts: Ray restarts of a killed worker (each retrying its queued blocks).
+        init_kwargs: extra ``ray.init`` arguments when this engine starts or joins a cluster.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        workers: int | None = None,
+        cpus_per_worker: float = 2,
+        batch_size: int = 16,
+        block_batches: int = BLOCK_BATCHES,
+        report: Callable[[str], None] | None = None,
+        max_restarts: int = 3,
+        init_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if workers is not None and workers < 1:
+            raise ValueError("workers must be >= 1")
+        if block_batches < 1 or cpus_per_worker <= 0:
+            raise ValueError("block_batches must be >= 1 and cpus_per_worker > 0")
+        self.address = address
+        self.workers = workers
+        self.cpus_per_worker = cpus_per_worker
+        self.batch_size = batch_size
+        self.block_batches = block_batches
+        self.report = report
+        self.max_restarts = max_restarts
+        self.init_kwargs = dict(init_kwargs or {})
+        self.description = f"ray ({address or 'local cluster'})"
+        #: The workers of the current run (their ``where`` has ``pid``, ``node_ip``, ...).
+        self.slots: list[_Slot] = []
+        #: One line per worker after a completed run.
+        self.summary: list[str] = []
+
+    # -----------------------------------------------------------------------------------------
+
+    def __call__(
+        self, loaded: Loaded, ds: Dataset, items: Sequence[str], meta: StatsMeta,
+        batch_size: int, start: int, strict: bool,
+    ) -> Generator[Counted, None, None]:  # fmt: skip
+        ray = _ray()
+        started = False
+        refs: dict[Any, tuple[int, _Slot]] = {}  # running blocks: start position, worker
+        self.slots = []
+        try:
+            if not ray.is_initialized():
+                kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+                if self.address is None:
+                    kwargs["include_dashboard"] = False
+                ray.init(address=self.address, **{**kwargs, **self.init_kwargs})
+                started = True
+            yield from self._run(ray, loaded, ds, items, meta, batch_size, start, strict, refs)
+        finally:
+            for ref in refs:
+                with contextlib.suppress(Exception):  # finished, or its worker is gone
+                    ray.cancel(ref)
+            for slot in self.slots:
+                with contextlib.suppress(Exception):  # already dead
+                    ray.kill(slot.handle, no_restart=True)
+            if started:
+                ray.shutdown()
+
+    def _plan(self, ray: Any) -> tuple[int, dict[str, Any], int]:
+        """Number of workers, their actor options, and decoding threads each."""
+        res = ray.cluster_resources()
+        gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
+        if self.workers is not None:
+            n = self.workers
+        elif gpus >= 1:
+            n = int(gpus)
+        else:
+            n = max(1, int(cpus // self.cpus_per_worker))
+        per_cpu = min(self.cpus_per_worker, cpus / n) if cpus else self.cpus_per_worker
+        opts: dict[str, Any] = {"num_cpus": per_cpu}
+        env = dict(WORKER_ENV)
+        if gpus >= 1:
+            opts["num_gpus"] = 1 if gpus >= n else gpus / n
+            kind = f"{n} GPU worker(s)"
+        else:
+            kind = f"{n} CPU worker(s) x {per_cpu:g} CPUs"
+        import vggnorm
+
+        # Workers run the driver's very code where they see its path (a checkout on the shared
+        # file system the dataset needs anyway), else the vggnorm installed on their node.
+        here = str(Path(vggnorm.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = f"{here}{os.pathsep}${{PYTHONPATH}}"
+        runtime_env = {"env_vars": env}
+        opts.update(runtime_env=runtime_env, max_restarts=self.max_restarts,
+                    max_task_retries=self.max_restarts)  # fmt: skip
+        where = self.address or "local cluster"
+        self.description = f"ray {ray.__version__} ({kind}, {where})"
+        return n, opts, max(1, int(per_cpu))
+
+    def _start(self, ray: Any, cls: Any, args: tuple[Any, ...]) -> _Slot:
+        return _Slot(cls.remote(*args))
+
+    def _run(
+        self, ray: Any, loaded: Loaded, ds: Dataset, items: Sequence[str], meta: StatsMeta,
+        batch_size: int, start: int, strict: bool, refs: dict[Any, tuple[int, _Slot]],
+    ) -> Generator[Counted, None, None]:  # fmt: skip
+        """Blocks of ``items[start:]`` on the workers, up to ``DEPTH`` queued on each, yielded in
+        block order (those that finish early wait in ``done``)."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        n, opts, threads = self._plan(ray)
+        cls = ray.remote(Worker).options(**opts)
+        # Weights and item list once into the object store; the dataset without its item list.
+        args = (ray.put(loaded), meta, replace(ds, items=()), ray.put(tuple(items)), threads,
+                batch_size)  # fmt: skip
+        self.slots = [self._start(ray, cls, args) for _ in range(n)]
+        self._check(ray, self.slots, ds)
+
+        size = self.block_batches * batch_size
+        pending = list(range(start, len(items), size))  # block starts not yet submitted
+        pending.reverse()
+        done: dict[int, Counted] = {}
+        attempts: dict[int, int] = {}
+        position = start
+        t0 = time.monotonic()
+        while position < len(items):
+            if position in done:
+                counted = done.pop(position)
+                position = counted.end
+                yield counted
+                continue
+            for slot in self.slots:
+                while pending and not slot.dead and slot.inflight < DEPTH:
+                    s = pending.pop()
+                    ref = slot.handle.block.remote(s, min(s + size, len(items)), batch_size, strict)
+                    refs[ref] = (s, slot)
+                    slot.inflight += 1
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            for ref in ready:
+                s, slot = refs.pop(ref)
+                slot.inflight -= 1
+                try:
+                    counted, info = ray.get(ref)
+                except RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, VggnormError):
+                        raise cause from None
+                    raise VggnormError(
+                        f"Ray worker on node {slot.where.get('node_ip', '?')} failed on the "
+                        f"block at image {s}: {str(e).splitlines()[0]}"
+                    ) from e
+                except RayActorError as e:  # Ray gave up on the worker: retry elsewhere
+                    attempts[s] = attempts.get(s, 0) + 1
+                    if attempts[s] >= BLOCK_ATTEMPTS:
+                        raise VggnormError(
+                            f"the block at image {s} failed {attempts[s]} times on Ray workers "
+                            f"(last: {str(e).splitlines()[0]})"
+                        ) from e
+                    pending.append(s)  # first in line again
+                    slot.dead = True
+                    if not slot.inflight:  # its other queued blocks have come back too
+                        self._replace(ray, cls, args, slot, ds)
+                    continue
+                done[s] = counted
+                slot.images += len(counted.images)
+                slot.skipped += len(counted.skipped)
+                slot.seconds += info["seconds"]
+                slot.pids.add(info["pid"])
+        self._summarize(time.monotonic() - t0)
+
+    def _check(self, ray: Any, slots: list[_Slot], ds: Dataset) -> None:
+        """Each worker's node and whether it reads the dataset root: a clear error if not."""
+        from ray.exceptions import RayTaskError
+
+        try:
+            wheres = ray.get([s.handle.where.remote() for s in slots])
+        except RayTaskError as e:  # the worker could not even build the network
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, VggnormError):
+                raise cause from None
+            raise VggnormError(f"a Ray worker failed to start: {str(e).splitlines()[0]}") from e
+        for slot, where in zip(slots, wheres):
+            slot.where = where
+            if where["problem"]:
+                raise DatasetError(
+                    f"Ray worker on node {where['node_ip']} (node id {where['node_id'][:12]}) "
+                    f"cannot read the dataset root {ds.root} ({where['problem']}): every node "
+                    "must see the dataset at the same path (shared file system)"
+                )
+
+    def _replace(self, ray: Any, cls: Any, args: tuple[Any, ...], slot: _Slot, ds: Dataset) -> None:
+        """Swap a worker Ray gave up on for a fresh one."""
+        with contextlib.suppress(Exception):
+            ray.kill(slot.handle, no_restart=True)
+        fresh = self._start(ray, cls, args)
+        self._check(ray, [fresh], ds)
+        slot.handle, slot.where, slot.dead = fresh.handle, fresh.where, False
+
+    def _summarize(self, wall: float) -> None:
+        self.summary = []
+        total = sum(s.images for s in self.slots)
+        for k, s in enumerate(self.slots):
+            rate = s.images / s.seconds if s.seconds else 0.0
+            self.summary.append(
+                f"ray worker {k}: node {s.where.get('node_ip', '?')} actor "
+                f"{str(s.where.get('actor_id', '?'))[:12]} pid(s) "
+                f"{','.join(map(str, sorted(s.pids))) or '-'}: {s.images} images, "
+                f"{rate:.1f} img/s, {s.skipped} skipped"
+            )
+        self.summary.append(
+            f"ray: {total} images on {len(self.slots)} worker(s) in {wall:.1f} s "
+            f"({total / wall if wall else 0.0:.1f} img/s)"
+        )
+        if self.report:
+            for line in self.summary:
+                self.report(line)
