@@ -82,13 +82,30 @@ def test_a_worker_killed_mid_run_changes_nothing(cluster: object, setup: tuple) 
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    record = collect_stats(weights, root, decode=Decode(32), batch_size=1, engine=engine,
+    record = collect_stats(weights, root, decode=Decode(32), batch_size=2, engine=engine,
                            progress=kill_first_worker)  # fmt: skip
     assert killed
-    _same_images = record.images == reference.images
-    assert _same_images
-    one = collect_stats(weights, root, decode=Decode(32), batch_size=1)
-    _same(record, one)
+    _same(record, reference)
+
+
+def test_verify_remeasures_on_the_cluster_with_the_same_result(
+    cluster: object, setup: tuple, tmp_path: Path
+) -> None:
+    from vggnorm.normalize import normalize
+    from vggnorm.statsfile import write_stats
+    from vggnorm.verify import verify
+
+    root, weights, reference = setup
+    stats, out = tmp_path / "s.h5", tmp_path / "n.h5"
+    write_stats(stats, reference)
+    normalize(weights, out, stats)
+    here = verify(out, batch_size=2)
+    there = verify(out, batch_size=2, engine=_engine(2))
+    assert here.ok and there.ok and there.means_checked
+    for a, b in zip(here.layers, there.layers, strict=True):
+        assert (a.mean_min, a.mean_median, a.mean_max) == pytest.approx(
+            (b.mean_min, b.mean_median, b.mean_max), rel=1e-12
+        )
 
 
 def test_killed_driver_resumes_to_the_same_result(
