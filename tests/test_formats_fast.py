@@ -9,6 +9,7 @@ them: recognising a weights-only file from its conv shapes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import marshal
 import os
@@ -861,3 +862,54 @@ def test_refuses_an_already_normalized_file(layout_files, tmp_path, out_dir):
     with pytest.raises(WeightFileError, match=f"{once} was already normalized by vggnorm"):
         normalize(once, out_dir / "twice.keras", record)
     assert os.listdir(out_dir) == []
+
+
+def _fail_dataset_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", boom)
+
+
+def _fail_zip_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = zipfile.ZipFile.write
+
+    def boom(self: Any, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "write", boom)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new-target", "existing-target"])
+@pytest.mark.parametrize(
+    "name, fail",
+    [("downloaded", _fail_dataset_write), ("full-model-optimizer", _fail_dataset_write),
+     ("weights-h5", _fail_dataset_write), ("keras-zip", _fail_dataset_write),
+     ("keras-zip", _fail_zip_write)],
+)  # fmt: skip
+def test_disk_full_mid_write_leaves_nothing(name, fail, force, layout_files, out_dir, monkeypatch):
+    ws = read_weights(layout_files(name))
+    changed = changes_for(ws)
+    dst = out_dir / f"out{CASES[name].suffix}"
+    if force:
+        dst.write_bytes(b"the previous output")
+    with monkeypatch.context() as m:
+        fail(m)
+        with pytest.raises(WeightFileError, match="No space left on device") as info:
+            write_weights(ws.file, dst, changed, {"tool": "vggnorm"}, force=force)
+    assert str(dst) in str(info.value)
+    assert os.listdir(out_dir) == ([dst.name] if force else [])
+    if force:
+        assert dst.read_bytes() == b"the previous output"
+    write_weights(ws.file, dst, changed, {"tool": "vggnorm"}, force=True)  # a retry works
+    assert detect_format(dst) == CASES[name].format
+
+
+def test_output_permissions_follow_umask(layout_files, out_dir):
+    ws = read_weights(layout_files("downloaded"))
+    out = out_dir / "out.h5"
+    write_weights(ws.file, out, {}, {"tool": "vggnorm"})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
