@@ -197,11 +197,13 @@ def test_consistent_stats_pass_validation_at_the_cauchy_schwarz_bound(tmp_path: 
 def test_cli_apply_with_damaged_stats_is_one_error_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from h5_layouts import build, finetuned, write_full_model
+
     from vggnorm.cli import EXIT_ERROR, main
 
     monkeypatch.chdir(tmp_path)
     write_stats("s.h5", _record(np.array([np.nan, 0.0]), np.array([3.0, 0.0]), 2))
-    (tmp_path / "w.h5").write_bytes(b"")
+    write_full_model(build(finetuned()), tmp_path / "w.h5")
     assert main(["apply", "--in", "w.h5", "--out", "o.h5", "--stats", "s.h5"]) == EXIT_ERROR
     err = capsys.readouterr().err
     assert err.startswith("ERROR ") and err.count("\n") == 1 and "Traceback" not in err

@@ -95,7 +95,7 @@ def test_verify_remeasures_on_the_cluster_with_the_same_result(
     from vggnorm.statsfile import write_stats
     from vggnorm.verify import verify
 
-    root, weights, reference = setup
+    _, weights, reference = setup
     stats, out = tmp_path / "s.h5", tmp_path / "n.h5"
     write_stats(stats, reference)
     normalize(weights, out, stats)

@@ -17,7 +17,14 @@ from hypothesis.extra import numpy as hnp
 import vggnorm.atomic
 from vggnorm.errors import StatsError, VggnormError
 from vggnorm.stats import LayerStats
-from vggnorm.statsfile import FORMAT_VERSION, StatsMeta, StatsRecord, read_stats, write_stats
+from vggnorm.statsfile import (
+    FORMAT_VERSION,
+    StatsMeta,
+    StatsRecord,
+    _read_stats,
+    read_stats,
+    write_stats,
+)
 
 META = StatsMeta(
     model="vgg19",
@@ -237,7 +244,10 @@ def test_corruption_that_h5py_reports_as_runtime_error(tmp_path, monkeypatch):
             raise RuntimeError("Link iteration failed (bad local heap signature)")
 
     monkeypatch.setattr(h5py, "File", CorruptFile)
-    assert "bad local heap signature" in _read_error(path)
+    # the reader itself, in this process (read_stats runs it in a child, out of monkeypatch's reach)
+    with pytest.raises(StatsError, match="bad local heap signature") as info:
+        _read_stats(path)
+    assert str(path) in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------

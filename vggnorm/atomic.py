@@ -82,7 +82,7 @@ def check_output(
     err = error or OutputError
     for src in inputs:
         if out.exists() and src.exists() and os.path.samefile(src, out):
-            raise err(f"{out} is the input file {src}; vggnorm never writes over its input")
+            raise err(f"{out} is the input file; vggnorm never writes over its input")
     if out.exists() and not force:
         raise err(f"{out} already exists; pass --force to overwrite it")
     try:

@@ -81,13 +81,13 @@ def _normalize(
     force: bool,
     dead_threshold: float,
 ) -> ApplyResult:
-    record = stats if isinstance(stats, StatsRecord) else read_stats(stats)  # small: first
     loaded = load(src, model)
     if loaded.weights.file.provenance is not None:
         raise WeightFileError(
             f"{src} was already normalized by vggnorm "
             f"{loaded.weights.file.provenance.get('tool_version', '?')}; apply it to the original"
         )
+    record = stats if isinstance(stats, StatsRecord) else read_stats(stats)
     check_fingerprint(loaded, record, "--in")
     try:
         scales = scales_for(record, loaded.bound, dead_threshold)

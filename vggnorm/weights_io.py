@@ -316,7 +316,7 @@ def _describe(f: Any, p: Path, fmt: Format) -> WeightFile:
         layers = _read_legacy(f, "model_weights" if fmt == "legacy-h5-model" else "", bn)
     else:
         layers = _read_keras3(f, bn)
-    if not layers:
+    if not any(e.datasets for e in layers):
         raise WeightFileError(f"{p}: the file holds no layer with weights")
     return WeightFile(p, fmt, layers, config, _read_provenance(f))
 
