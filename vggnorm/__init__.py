@@ -1,4 +1,4 @@
-"""vggnorm: normalize Keras VGG weights so every conv filter's mean activation is 1.
+"""vggnorm: normalize VGG weights (Keras or PyTorch files) so every conv filter's mean activation is 1.
 
 Gatys et al. rescale VGG so that per-layer style and content losses have comparable magnitudes.
 The rescaling is exact: ReLU is positively homogeneous and pooling commutes with a positive
@@ -25,7 +25,9 @@ _EXPORTS = {
     "collect_stats": "collect",
     "normalize": "normalize",
     "verify": "verify",
+    "compare_files": "compare",
     "compute_scales": "rescale",
+    "export": "export",
     "rescale": "rescale",
     "read_stats": "statsfile",
     "write_stats": "statsfile",
@@ -41,12 +43,14 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from .collect import collect_stats as collect_stats
+    from .compare import compare_files as compare_files
     from .errors import ArchitectureError as ArchitectureError
     from .errors import DatasetError as DatasetError
     from .errors import StatsError as StatsError
     from .errors import VerificationError as VerificationError
     from .errors import VggnormError as VggnormError
     from .errors import WeightFileError as WeightFileError
+    from .export import export as export
     from .normalize import normalize as normalize
     from .rescale import compute_scales as compute_scales
     from .rescale import rescale as rescale
@@ -76,7 +80,9 @@ __all__ = [
     "WeightFileError",
     "__version__",
     "collect_stats",
+    "compare_files",
     "compute_scales",
+    "export",
     "normalize",
     "read_stats",
     "read_weights",

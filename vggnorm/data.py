@@ -136,7 +136,7 @@ def _load_coco_file_names(ann: Path) -> list[str]:
         from pycocotools.coco import COCO
     except ImportError as e:
         raise DatasetError(
-            "reading COCO annotations needs pycocotools: pip install 'vggnorm[coco]'"
+            "reading COCO annotations needs pycocotools: pip install pycocotools"
         ) from e
     try:
         # pycocotools prints progress to stdout; keep our stdout clean for --json.
