@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,13 +55,19 @@ def atomic_path(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
 
 
 def _temp_names(target: Path) -> list[Path]:
-    """Temporary files :func:`atomic_path` makes for ``target`` (left behind by a killed run)."""
-    prefix = f".{target.name}."
+    """Temporary files and folders :func:`atomic_path` and :func:`temp_dir_beside` make for
+    ``target`` (left behind by a killed run): ``.NAME.`` + mkstemp's 8 random characters +
+    ``.tmp``, maybe followed by the format's suffix; nothing else matches."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp(\.[A-Za-z0-9.]+)?")
     return [
-        p
-        for p in target.parent.glob(f"{glob.escape(prefix)}*")
-        if p.name != f".{target.name}.lock" and ".tmp" in p.name[len(prefix) :]
+        p for p in target.parent.glob(f".{glob.escape(target.name)}.*") if pattern.fullmatch(p.name)
     ]
+
+
+def temp_dir_beside(target: Path) -> tempfile.TemporaryDirectory[str]:
+    """A scratch folder beside ``target`` that the next writer of ``target`` removes if a killed
+    run leaves it behind."""
+    return tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
 
 
 def check_output(
@@ -187,7 +195,10 @@ def output_lock(target: Path, what: str = "") -> Iterator[None]:
         os.pwrite(fd, json.dumps(info).encode("utf8"), 0)
         for stale in _temp_names(target):
             with contextlib.suppress(OSError):
-                stale.unlink()
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
         _HELD.add(key)
         yield
     finally:

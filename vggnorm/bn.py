@@ -247,8 +247,6 @@ def write_bn_model(
         >>> write_bn_model("vgg16.h5", "vggnorm-stats.h5", "vgg16_bn.keras")  # doctest: +SKIP
     """
     from .atomic import check_output
-    from .pipeline import check_fingerprint, load
-    from .statsfile import read_stats
 
     src, out = Path(src_weights_path), Path(out_path)
     if out.suffix != ".keras":
@@ -256,8 +254,25 @@ def write_bn_model(
             f"--out {out.name} must end in .keras: the BN model is a whole Keras model "
             "(architecture and weights), which Keras saves only as .keras"
         )
-    check_output(out, force=force, inputs=[src], error=WeightFileError)
+    with output_lock(out):
+        check_output(out, force=force, inputs=[src], error=WeightFileError)
+        _write_bn(src, stats_path, out, model, size, include_top_bn, epsilon)
+    return out
+
+
+def _write_bn(
+    src: Path, stats_path: str | os.PathLike[str], out: Path, model: str | None,
+    size: int | None, include_top_bn: bool, epsilon: float,
+) -> None:  # fmt: skip
+    from .pipeline import check_fingerprint, load
+    from .statsfile import read_stats
+
     loaded = load(src, model)
+    if loaded.bound.arch.padding != "zero":
+        raise ArchitectureError(
+            f"{src} pads by reflection (AdaIN layout); the BN model is built from stock Keras "
+            "layers, which pad with zeros"
+        )
     with_norm = list(loaded.bound.arch.norms)
     if with_norm:
         raise ArchitectureError(
@@ -285,7 +300,6 @@ def write_bn_model(
         size,
         record.meta.preprocess,
     )
-    return out
 
 
 def _save_keras_atomic(net: Any, out: Path) -> None:

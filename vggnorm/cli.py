@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         "mean/std (default: the weight file's layout's own, caffe for Keras files)",
     )
     g.add_argument(
+        "--padding",
+        choices=["zero", "reflect"],
+        help="how every conv pads its input: zero (Keras, torchvision, Gatys) or reflect "
+        "(AdaIN); default: the weight file's layout's own",
+    )
+    g.add_argument(
         "--draft",
         action="store_true",
         help="decode JPEGs in the DCT domain at 1/2, 1/4 or 1/8 scale (never below "
@@ -483,7 +489,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         record = collect_stats(
             args.weights, ds, model=args.model,
             decode=Decode(args.size, args.resize, "bilinear", args.draft),
-            preprocess=args.preprocess, precision=args.precision, batch_size=args.batch_size,
+            preprocess=args.preprocess, padding=args.padding, precision=args.precision,
+            batch_size=args.batch_size,
             limit=args.limit, shard=args.shard, workers=args.workers, out=Path(args.out),
             checkpoint_seconds=args.checkpoint_every, resume=args.resume, force=args.force,
             strict=args.strict, progress=bar, engine=engine,
@@ -527,25 +534,38 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _last_applied() -> str:
+    """The file the last ``apply`` in this directory wrote."""
+    if not LAST_APPLY.is_file():
+        raise VggnormError(f"nothing to verify: no {LAST_APPLY} here; pass --in PATH")
+    try:
+        return str(json.loads(LAST_APPLY.read_text(encoding="utf8"))["normalized"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VggnormError(f"{LAST_APPLY} is unreadable ({e}); pass --in PATH") from e
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    normalized = args.normalized
-    if normalized is None:
-        if not LAST_APPLY.is_file():
-            raise VggnormError(f"nothing to verify: no {LAST_APPLY} here; pass --in PATH")
-        normalized = json.loads(LAST_APPLY.read_text(encoding="utf8"))["normalized"]
+    normalized = args.normalized or _last_applied()
+    if args.plot:  # found now, not after the whole re-measuring pass
+        from .atomic import check_output
+        from .report_plot import need_matplotlib
+
+        need_matplotlib("the verify figure")
+        check_output(Path(args.plot), force=True)
     with _progress(args.quiet, "verify") as bar:
         report = verify(
             normalized, args.original, args.stats, data=args.data, limit=args.limit,
             check_images=args.check_images, batch_size=args.batch_size, workers=args.workers,
             progress=bar, engine=_engine(args),
         )  # fmt: skip
+    print(report.to_json() if args.json else report.summary())
     if args.plot:
         from .report_plot import write_verify_figure
 
         write_verify_figure(report, args.plot)
-    print(report.to_json() if args.json else report.summary())
+        _say(args, f"wrote {args.plot}")
     return EXIT_OK if report.ok else EXIT_VERIFY
 
 
@@ -561,24 +581,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .atomic import check_output
     from .report import loss_spread_for, summary_text, write_report
     from .statsfile import read_stats
 
-    out_png = Path(args.out)
-    out_json = out_png.with_suffix(".json")
-    for path in (out_png, out_json):
-        check_output(path, force=args.force)
     record = read_stats(args.stats)
     style = None
     if args.weights:
         style = loss_spread_for(
             args.weights, record, images=args.images, normalized=args.normalized
         )
-    report = write_report(record, out_png, out_json, style=style)
+    out_png = Path(args.out)
+    report = write_report(record, out_png, style=style, force=args.force)
     if not args.quiet:
         print("\n".join(summary_text(report)))
-    _say(args, f"wrote {out_png} and {out_json}")
+    _say(args, f"wrote {out_png} and {out_png.with_suffix('.json')}")
     return EXIT_OK
 
 

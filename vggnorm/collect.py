@@ -26,12 +26,14 @@ from .pipeline import (
     load,
     now,
     resolve_weights,
+    with_padding,
 )
 from .rescale import DEAD_THRESHOLD
 from .stats import empty_stats
 from .statsfile import StatsMeta, StatsRecord, read_stats, same_settings, write_stats
 
 if TYPE_CHECKING:
+    from .archs import Padding
     from .model import Precision, Preprocess
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ def collect_stats(
     split: str | None = None,
     decode: Decode | None = None,
     preprocess: Preprocess | None = None,
+    padding: Padding | None = None,
     precision: Precision = "fp32",
     batch_size: int = 16,
     limit: int | None = None,
@@ -66,7 +69,10 @@ def collect_stats(
         data: dataset path (COCO, ImageNet tree, folder, list file) or an opened Dataset.
         model: ``"vgg16"``/``"vgg19"``; checked against the file, needed only when it cannot tell.
         decode: image size, resize policy and JPEG draft decoding (default: 224, crop).
-        preprocess: ``caffe`` (keras.applications VGG), ``unit`` or ``torch``.
+        preprocess: ``caffe`` (keras.applications VGG), ``unit`` or ``torch``; default: the
+            weight file's layout's own (``torch`` for torchvision files, else ``caffe``).
+        padding: ``zero`` or ``reflect`` borders for every conv; default: the layout's own
+            (``reflect`` for AdaIN files, else ``zero``). Recorded in the stats file.
         precision: ``fp32`` or ``bf16`` (activations in bfloat16, reductions in float32).
         batch_size: images per forward pass; the last batch may be smaller and counts fully.
         limit: use only the first ``limit`` images of the dataset's deterministic order.
@@ -90,11 +96,11 @@ def collect_stats(
     """
     decode = decode or Decode()
     out_path = Path(out) if out is not None else None
-    resuming = bool(resume and out_path is not None and out_path.exists())
     with output_lock(out_path) if out_path else contextlib.nullcontext():
+        resuming = bool(resume and out_path is not None and out_path.exists())
         if out_path is not None:  # found now, not at the first checkpoint minutes later
             check_output(out_path, force=force or resuming, error=StatsError)
-        loaded = load(resolve_weights(weights, model), model)
+        loaded = with_padding(load(resolve_weights(weights, model), model), padding)
         arch = loaded.bound.arch
         if decode.size < arch.min_size():
             raise VggnormError(
@@ -143,6 +149,7 @@ def new_meta(
     """The identity of a run over ``items`` of ``ds`` (what resume and merge compare)."""
     return StatsMeta(
         model=loaded.bound.arch.name,
+        padding=loaded.bound.arch.padding,
         fingerprint=loaded.fingerprint(),
         weights=str(loaded.path.resolve()),
         size=decode.size,

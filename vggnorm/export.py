@@ -12,7 +12,7 @@ permutations). What can change is the input convention the file's users assume:
   file keeps the caffe convention and says so (metadata and console). With ``fold_input`` the
   channel order and scaling are folded into ``conv1_1``: exact away from the borders; at the
   zero-padded border of the image, zero in torch input space is not zero in caffe space, so
-  border outputs of ``conv1_1`` differ (:func:`fold_caffe_into_torch_input` says by how much).
+  border outputs of ``conv1_1`` differ (``scripts/export_border.py`` measures by how much).
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ import numpy as np
 from . import __version__
 from .atomic import check_output, output_lock
 from .errors import ArchitectureError, WeightFileError
+from .model import CAFFE_MEAN_BGR, TORCH_MEAN, TORCH_STD
 from .pipeline import load, now, stock_named
+from .torch_layouts import LAYOUTS as TORCH_LAYOUTS
 from .weights_io import sha256_file
 
-LAYOUTS = ("torchvision", "gatys", "adain")
-_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68])
-_TORCH_MEAN = np.array([0.485, 0.456, 0.406])
-_TORCH_STD = np.array([0.229, 0.224, 0.225])
+LAYOUTS = tuple(TORCH_LAYOUTS)
+_CAFFE_MEAN_BGR = np.array(CAFFE_MEAN_BGR, np.float64)
+_TORCH_MEAN = np.array(TORCH_MEAN, np.float64)
+_TORCH_STD = np.array(TORCH_STD, np.float64)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,19 @@ def export(
             raise ArchitectureError(f"the {layout} layout holds a VGG19; {src} is a {arch.name}")
         arrays = stock_named(loaded)
         source_input = loaded.weights.file.preprocess or "caffe"
+        if fold_input and not (layout == "torchvision" and source_input == "caffe"):
+            raise WeightFileError(
+                "--fold-input folds caffe input into conv1_1 for the torchvision layout; "
+                f"here the layout is {layout} and {src} expects {source_input} input"
+            )
+        head = arch.head
+        if layout == "torchvision" and head is not None and head.dense:
+            rows = arrays["fc1/kernel"].shape[0] if "fc1/kernel" in arrays else 0
+            if len(head.dense) != 3 or head.reduce != "flatten" or rows != 512 * 7 * 7:
+                raise ArchitectureError(
+                    f"{src}: its head is not torchvision's classifier (three Linear layers "
+                    "reading the 7x7x512 map of a 224x224 input); export a notop file"
+                )
         notes: list[str] = []
         if layout != "torchvision":
             arrays = {k: v for k, v in arrays.items() if not k.startswith(("fc", "predictions"))}
@@ -158,5 +173,5 @@ def export(
                 sort_keys=True,
             )
         }  # fmt: skip
-        write_torch(out, layout, arrays, metadata=metadata, arch=arch.name)  # type: ignore[arg-type]
+        write_torch(out, layout, arrays, metadata=metadata, arch=arch.name)
     return ExportResult(out, layout, convention, tuple(notes))

@@ -76,9 +76,9 @@ def keras_module() -> Any:
     return keras
 
 
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-_TORCH_MEAN = (0.485, 0.456, 0.406)
-_TORCH_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
 
 
 def preprocess_images(images: npt.ArrayLike, scheme: str = "caffe") -> npt.NDArray[np.float32]:
@@ -89,12 +89,12 @@ def preprocess_images(images: npt.ArrayLike, scheme: str = "caffe") -> npt.NDArr
     """
     x = np.asarray(images).astype(np.float32)
     if scheme == "caffe":
-        return x[..., ::-1] - np.asarray(_CAFFE_MEAN_BGR, dtype=np.float32)
+        return x[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, dtype=np.float32)
     if scheme == "unit":
         return x / np.float32(255.0)
     if scheme == "torch":
-        mean = np.asarray(_TORCH_MEAN, dtype=np.float32)
-        std = np.asarray(_TORCH_STD, dtype=np.float32)
+        mean = np.asarray(TORCH_MEAN, dtype=np.float32)
+        std = np.asarray(TORCH_STD, dtype=np.float32)
         return (x / np.float32(255.0) - mean) / std
     raise ValueError(f"unknown preprocessing {scheme!r}; expected caffe, unit or torch")
 
@@ -106,11 +106,11 @@ def _preprocess_layer(keras: Any, scheme: Preprocess) -> Any:
         def call(self, x: Any) -> Any:
             x = ops.cast(x, "float32")
             if scheme == "caffe":
-                return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR)
+                return ops.flip(x, axis=-1) - ops.convert_to_tensor(CAFFE_MEAN_BGR)
             if scheme == "unit":
                 return x / 255.0
-            mean = ops.convert_to_tensor(_TORCH_MEAN)
-            std = ops.convert_to_tensor(_TORCH_STD)
+            mean = ops.convert_to_tensor(TORCH_MEAN)
+            std = ops.convert_to_tensor(TORCH_STD)
             return (x / 255.0 - mean) / std
 
     return Preprocessing(name=f"preprocess_{scheme}", dtype="float32")

@@ -89,6 +89,12 @@ def _normalize(
         )
     record = stats if isinstance(stats, StatsRecord) else read_stats(stats)
     check_fingerprint(loaded, record, "--in")
+    if record.meta.padding != loaded.bound.arch.padding:
+        log.warning(
+            "the stats were gathered with %s padding, %s pads with %s: its means are 1 under %s "
+            "padding (as intended when it will be exported to that layout)",
+            record.meta.padding, src, loaded.bound.arch.padding, record.meta.padding,
+        )  # fmt: skip
     try:
         scales = scales_for(record, loaded.bound, dead_threshold)
     except StatsError as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -71,8 +71,9 @@ class Loaded:
 
 
 def read_any_weights(path: str | os.PathLike[str]) -> WeightSet:
-    """Read a Keras (``.h5``, ``.weights.h5``, ``.keras``) or PyTorch (``.safetensors``,
-    ``.pth``, ``.pt``) weight file, each in a child process with a time limit."""
+    """Read a Keras (``.h5``, ``.weights.h5``, ``.keras``; in a child process with a deadline,
+    see :mod:`vggnorm.guard`) or PyTorch (``.safetensors``: parsed by the safetensors library,
+    which bounds-checks its header; ``.pth``/``.pt``: ``torch.load(weights_only=True)``) file."""
     from .weightset import suffix_of
 
     p = Path(path)
@@ -83,6 +84,17 @@ def read_any_weights(path: str | os.PathLike[str]) -> WeightSet:
     from .weights_io import read_weights
 
     return read_weights(p)
+
+
+def with_padding(loaded: Loaded, padding: str | None) -> Loaded:
+    """``loaded`` with every conv padding its input as ``padding`` says (None: as the file's
+    layout does): statistics for AdaIN are gathered with its reflection padding."""
+    if padding is None or padding == loaded.bound.arch.padding:
+        return loaded
+    if padding not in ("zero", "reflect"):
+        raise VggnormError(f"unknown padding {padding!r}; expected zero or reflect")
+    arch = replace(loaded.bound.arch, padding=padding)  # type: ignore[arg-type]
+    return Loaded(loaded.weights, Bound(arch, f"{loaded.bound.source}, {padding} padding"))
 
 
 def write_any_weights(
@@ -198,6 +210,29 @@ def stats_dataset(record: StatsRecord, data: str | os.PathLike[str] | None = Non
     root = Path(record.meta.dataset_root) if data is None else open_dataset(data).root
     kind = record.meta.dataset_kind
     return Dataset(kind, root, record.images, root)  # type: ignore[arg-type]
+
+
+def named_as(other: Loaded, like: Loaded) -> dict[str, np.ndarray]:
+    """``other``'s conv (and conv BatchNorm) arrays under ``like``'s layer names, matched by
+    position: the same network saved in another format or layout names its layers otherwise.
+
+    Raises:
+        ArchitectureError: the two hold different conv chains.
+    """
+    from .errors import ArchitectureError
+
+    a, b = like.bound.arch, other.bound.arch
+    shapes_a = [(c.filters, c.kernel_size) for c in a.convs]
+    shapes_b = [(c.filters, c.kernel_size) for c in b.convs]
+    if shapes_a != shapes_b or len(a.weighted_features) != len(b.weighted_features):
+        raise ArchitectureError(f"{other.path} is not the same network as {like.path}")
+    names = dict(zip(b.weighted_features, a.weighted_features))
+    out = {}
+    for key, value in other.arrays.items():
+        layer, role = key.rsplit("/", 1)
+        if layer in names:
+            out[f"{names[layer]}/{role}"] = value
+    return out
 
 
 def stock_named(loaded: Loaded) -> dict[str, np.ndarray]:

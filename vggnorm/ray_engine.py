@@ -42,6 +42,10 @@ BLOCK_ATTEMPTS = 3
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+def _first_line(e: BaseException) -> str:
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def _ray() -> Any:
     try:
         import ray
@@ -186,7 +190,11 @@ class RayEngine:
                 kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
                 if self.address is None:
                     kwargs["include_dashboard"] = False
-                ray.init(address=self.address, **{**kwargs, **self.init_kwargs})
+                try:
+                    ray.init(address=self.address, **{**kwargs, **self.init_kwargs})
+                except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+                    where = self.address or "a local cluster"
+                    raise VggnormError(f"could not start or reach Ray at {where}: {e}") from e
                 started = True
             yield from self._run(ray, loaded, ds, items, meta, batch_size, start, strict, refs)
         finally:
@@ -303,10 +311,15 @@ class RayEngine:
 
     def _check(self, ray: Any, slots: list[_Slot], ds: Dataset) -> None:
         """Each worker's node and whether it reads the dataset root: a clear error if not."""
-        from ray.exceptions import RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
         try:
             wheres = ray.get([s.handle.where.remote() for s in slots])
+        except RayActorError as e:  # its __init__ failed (no Keras on the node, bad weights...)
+            raise VggnormError(
+                f"a Ray worker failed to start: {_first_line(e)}; is vggnorm installed on every "
+                "node?"
+            ) from e
         except RayTaskError as e:  # the worker could not even build the network
             cause = getattr(e, "cause", None)
             if isinstance(cause, VggnormError):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_output, output_lock
 from .errors import DatasetError, StatsError, VerificationError
 from .pipeline import FUNCTION_TOL, function_errors
 from .rescale import DEAD_THRESHOLD, Scales, rescale
@@ -263,7 +263,7 @@ def style_content_spread(
     size = int(images.shape[1])
     features = arch.without_head()
     if norm_arrays is None:
-        norm_arrays = rescale(arrays, scales, norms=features.norms)
+        norm_arrays = rescale(arrays, scales, norms=features.norms)  # the convs: no head here
     scheme: Preprocess = preprocess  # type: ignore[assignment]
     orig = FeatureNet(features, arrays, size, scheme, outputs="activations").activations(images)
     norm = FeatureNet(features, norm_arrays, size, scheme, outputs="activations").activations(
@@ -366,19 +366,21 @@ def shrink_text(factor: float | None) -> str:
 def write_report(
     record: StatsRecord,
     out_png: str | os.PathLike[str],
-    out_json: str | os.PathLike[str],
+    out_json: str | os.PathLike[str] | None = None,
     *,
     style: Mapping[str, Any] | None = None,
     dead_threshold: float = DEAD_THRESHOLD,
+    force: bool = True,
 ) -> dict[str, Any]:
     """Write the normalization figure (PNG, see :func:`vggnorm.report_plot.draw_report`) and its
-    numbers (JSON, :func:`report_dict`), each atomically.
+    numbers (JSON, :func:`report_dict`), each atomically, each under its own lock.
 
     Args:
         record: the statistics.
-        out_png, out_json: output paths (overwritten).
+        out_png: the figure; ``out_json`` defaults to it with a ``.json`` suffix.
         style: the result of :func:`style_content_spread`, or None.
         dead_threshold: as in ``apply``.
+        force: overwrite existing outputs.
 
     Returns:
         The JSON summary (:func:`report_dict`).
@@ -386,13 +388,20 @@ def write_report(
     Raises:
         ImportError: matplotlib is not installed (``pip install 'vggnorm[plot]'``).
         StatsError: a layer has no activation counted.
+        OutputError: an output exists (without ``force``) or cannot be written.
     """
-    from .report_plot import draw_report
+    from .report_plot import draw_report, need_matplotlib
 
-    summary = report_dict(record, style=style, dead_threshold=dead_threshold)
-    draw_report(record, summary, out_png, style=style, dead_threshold=dead_threshold)
-    with atomic_path(Path(out_json)) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf8")
+    png = Path(out_png)
+    js = Path(out_json) if out_json is not None else png.with_suffix(".json")
+    need_matplotlib("the report figure")
+    with output_lock(png), output_lock(js):
+        for path in (png, js):
+            check_output(path, force=force)
+        summary = report_dict(record, style=style, dead_threshold=dead_threshold)
+        draw_report(record, summary, png, style=style, dead_threshold=dead_threshold)
+        with atomic_path(js) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf8")
     return summary
 
 
@@ -410,9 +419,16 @@ def loss_spread_for(
         StatsError: stats of another model; DatasetError: fewer than two images.
     """
     from .data import load_image
-    from .pipeline import check_fingerprint, decode_of, load, read_any_weights, scales_for
+    from .pipeline import (
+        check_fingerprint,
+        decode_of,
+        load,
+        named_as,
+        scales_for,
+        with_padding,
+    )
 
-    loaded = load(weights)
+    loaded = with_padding(load(weights), record.meta.padding)
     check_fingerprint(loaded, record, "--weights")
     paths = [Path(p) for p in images] if images else [
         Path(record.meta.dataset_root) / item for item in record.images[:2]
@@ -420,7 +436,7 @@ def loss_spread_for(
     if len(paths) < 2:
         raise DatasetError("the loss panel needs two images; pass --images A B")
     pair = np.stack([load_image(p, decode_of(record.meta)) for p in paths])
-    norm = read_any_weights(normalized).arrays if normalized else None
+    norm = named_as(load(normalized), loaded) if normalized else None
     return style_content_spread(
         loaded.bound.arch, loaded.arrays, norm, scales_for(record, loaded.bound), pair,
         record.meta.preprocess,

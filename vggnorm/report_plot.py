@@ -16,6 +16,14 @@ from .rescale import DEAD_THRESHOLD, compute_scales
 from .statsfile import StatsRecord
 
 
+def need_matplotlib(what: str) -> None:
+    """Fail before any work when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{what} needs matplotlib: pip install 'vggnorm[plot]'") from e
+
+
 def draw_report(
     record: StatsRecord,
     summary: Mapping[str, Any],

@@ -52,6 +52,9 @@ class StatsMeta:
     dataset_items: int  # images found in the dataset before --limit/--shard
     selection_sha256: str  # of the ordered items this run covers
     selection_size: int
+    padding: str = (
+        "zero"  # how the convs padded their inputs: zero (Keras, torchvision) or reflect (AdaIN)
+    )
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
     position: int = 0  # items of the selection consumed so far
@@ -67,7 +70,7 @@ class StatsMeta:
         return {
             k: getattr(self, k)
             for k in ("model", "fingerprint", "size", "resize", "interpolation", "draft",
-                      "preprocess", "precision", "dataset_kind")
+                      "preprocess", "precision", "padding", "dataset_kind")
         }  # fmt: skip
 
 

@@ -54,7 +54,28 @@ def detect_stock(wf: WeightFile) -> str | None:
     return None
 
 
+def _refuse_conv_batchnorm(wf: WeightFile, stock: Arch) -> None:
+    """A weights-only file cannot say where a BatchNormalization sits. One that could sit
+    between a conv and its ReLU (before the first Dense in a file that keeps model order, or of
+    a conv's width in a ``.weights.h5``, whose layers are grouped by class) would be left out of
+    the rescaling and change the function: refuse it."""
+    widths = {c.filters for c in stock.convs}
+    first_dense = next((i for i, e in enumerate(wf.layers) if e in _denses(wf.layers)), None)
+    ordered = wf.format in ("legacy-h5", "legacy-h5-model")
+    for i, e in enumerate(wf.layers):
+        if not set(e.roles) & set(BN_ROLES) or not e.shapes:
+            continue
+        before_head = first_dense is None or i < first_dense
+        if before_head if ordered else e.shapes[0][0] in widths:
+            raise ArchitectureError(
+                f"{wf.path}: layer {e.name!r} is a BatchNormalization that may sit between a "
+                "conv and its ReLU, and a weights-only file does not say where it is; save the "
+                "whole model (.keras or model.save('x.h5')) so vggnorm can read its config"
+            )
+
+
 def _bind_stock(wf: WeightFile, stock: Arch) -> Bound:
+    _refuse_conv_batchnorm(wf, stock)
     convs = _convs(wf.layers)
     names = {c.name: e.name for c, e in zip(stock.convs, convs)}
     features = tuple(

@@ -408,7 +408,6 @@ PROVENANCE_KEY = "vggnorm.provenance"
 SCALES_KEY = "vggnorm.scales"
 
 
-
 def _adain_preprocess(tw: TorchWeights) -> str:
     """AdaIN's fixed 1x1 conv is caffe preprocessing of 0-255 RGB when it is the published one;
     statistics then run it as ``caffe`` preprocessing. Any other first layer is refused."""

@@ -43,6 +43,7 @@ from .pipeline import (
     load,
     scales_for,
     stats_dataset,
+    with_padding,
 )
 from .rescale import DEAD_THRESHOLD, Scales
 from .stats import LayerStats, empty_stats
@@ -186,6 +187,8 @@ def verify(
     record = read_stats(stats)
     orig = load(original)
     check_fingerprint(orig, record, "--original")
+    # both networks pad as the statistics were gathered (AdaIN: reflection)
+    orig, norm = (with_padding(x, record.meta.padding) for x in (orig, norm))
     if dead_threshold is None:
         dead_threshold = float(prov.get("dead_threshold", DEAD_THRESHOLD))
     scales = scales_for(record, orig.bound, dead_threshold)
