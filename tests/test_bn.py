@@ -14,9 +14,12 @@ from hypothesis import strategies as st
 
 from vggnorm.bn import bn_params, identity_bn_params, preprocess_images, write_bn_model
 from vggnorm.errors import ArchitectureError, StatsError, WeightFileError
+from vggnorm.pipeline import FUNCTION_TOL
 from vggnorm.stats import LayerStats
 
 SIZE = 32
+U32 = 2.0**-24  # one float32 rounding, relative
+U64 = 2.0**-53  # one float64 rounding, relative
 
 
 def _bn(x: np.ndarray, p: dict[str, np.ndarray], eps: float) -> np.ndarray:
@@ -40,9 +43,18 @@ def test_bn_params_make_bn_the_identity(seed: int, channels: int, eps: float) ->
     acts = np.maximum(rng.normal(1.0, 2.0, (50, channels)), 0) * rng.uniform(1e-2, 1e3, channels)
     p = bn_params(LayerStats.of("c", acts), eps)
     x = np.maximum(rng.normal(0.0, 3.0, (20, channels)), 0) * 100
-    np.testing.assert_allclose(_bn(x, p, eps), x, rtol=1e-6, atol=1e-6 * np.abs(x).max())
-    np.testing.assert_allclose(p["moving_mean"], acts.mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(p["moving_variance"], acts.var(axis=0), rtol=1e-9, atol=1e-12)
+    # float64: gamma and sqrt(var + eps) are the same rounded value, so y = fl(fl(fl(g * fl(x - mu))
+    # / g) + mu) carries 3 roundings of |x - mu| <= 2M and one of |x|, M = max(|x|, |mu|): <= 7 u M.
+    big = max(np.abs(x).max(), np.abs(p["moving_mean"]).max())
+    np.testing.assert_allclose(_bn(x, p, eps), x, rtol=0, atol=8 * U64 * big)
+    # Two orderings of N = 50 non-negative float64 terms, then / N: each <= N u of the mean.
+    n = len(acts)
+    np.testing.assert_allclose(p["moving_mean"], acts.mean(axis=0), rtol=2 * (n + 1) * U64)
+    # sumsq/N - mean^2 (sum: N u of E[x^2], mean^2: 2(N+1) u of mean^2 <= E[x^2], 3 more
+    # roundings) against numpy's two-pass variance ((N + 3) u of var <= E[x^2]): <= (4N+8) u E[x^2]
+    # per filter, in float64.
+    bound = (4 * n + 8) * U64 * np.mean(acts * acts, axis=0)
+    assert np.all(np.abs(p["moving_variance"] - acts.var(axis=0)) <= bound)
     assert p["beta"] is not p["moving_mean"]  # independent arrays: a caller may change one
 
 
@@ -179,13 +191,17 @@ def test_bn_model_computes_the_original_function(tiny: dict[str, Any]) -> None:
     ref = FeatureNet(tiny["arch"], tiny["arrays"], SIZE, outputs="activations").activations(
         tiny["images"]
     )
+    # Each float32 BN (x * rsqrt(var + eps) * gamma + (beta - mu * inv)) is off the identity by ~10
+    # roundings of max(|x|, |mu|) <= the layer's largest activation: the same per-layer size as
+    # verify's function check, compounding over 13 layers, so FUNCTION_TOL bounds it (see there).
     for name, a, b in zip(convs, ref, bn_out):
         err = np.max(np.abs(np.asarray(b) - a)) / np.max(np.abs(a))
-        assert err <= 1e-5, f"{name}: {err:.2e}"
-    # The model's output (after the last pooling) too.
+        assert err <= FUNCTION_TOL, f"{name}: {err:.2e}"
+    # The model's output (after the last pooling) too: max pooling picks one of the values (a
+    # near-tie may pick another within the same error), so the last conv's bound holds.
     last = np.asarray(model.predict_on_batch(tiny["x"]))
     pooled = ref[-1].max(axis=(1, 2), keepdims=True)  # block5_pool of a 2x2 map
-    np.testing.assert_allclose(last, pooled, rtol=1e-5, atol=1e-5 * np.abs(pooled).max())
+    np.testing.assert_allclose(last, pooled, rtol=0, atol=FUNCTION_TOL * np.abs(ref[-1]).max())
 
 
 @pytest.mark.keras
@@ -195,13 +211,24 @@ def test_bn_inputs_have_the_recorded_moments(tiny: dict[str, Any]) -> None:
     inputs = _taps(model, [f"{c}_bn" for c in convs], "input").predict_on_batch(tiny["x"])
     for s, a in zip(tiny["record"].layers, inputs):
         flat = np.asarray(a, dtype=np.float64).reshape(-1, s.channels)
-        scale = float(s.mean.max())
-        np.testing.assert_allclose(flat.mean(axis=0), s.mean, rtol=1e-4, atol=1e-6 * scale)
-        np.testing.assert_allclose(flat.var(axis=0), s.variance, rtol=1e-4, atol=1e-6 * scale**2)
-        bn = model.get_layer(f"{s.name}_bn")
+        width, amax = a.shape[2], float(flat.max())
+        # The BN inputs are the stats run's activations off by <= FUNCTION_TOL * amax (the earlier
+        # BNs, see above); the stats sum each row of `width` float32 values (<= width u of the
+        # row, all >= 0), then float64. Mean: <= (FUNCTION_TOL + width u) amax. Variance
+        # E[x^2] - mean^2: the perturbation moves each term by <= 2 FUNCTION_TOL amax^2, the rows
+        # of x and x*x by <= width u E[x^2] and 2 width u mean^2, both <= amax^2.
         np.testing.assert_allclose(
-            bn.moving_variance.numpy(), s.variance.astype(np.float32), rtol=1e-7
+            flat.mean(axis=0), s.mean, rtol=0, atol=(FUNCTION_TOL + width * U32) * amax
         )
+        np.testing.assert_allclose(
+            flat.var(axis=0),
+            s.variance,
+            rtol=0,
+            atol=(4 * FUNCTION_TOL + 3 * width * U32) * amax**2,
+        )
+        bn = model.get_layer(f"{s.name}_bn")
+        # set_weights stores the float32 cast unchanged.
+        np.testing.assert_array_equal(bn.moving_variance.numpy(), s.variance.astype(np.float32))
 
 
 @pytest.mark.keras
@@ -225,7 +252,8 @@ def test_written_keras_file_loads_and_matches(tiny: dict[str, Any], tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vgg16_bn.keras"]  # no temp left
     loaded = keras.models.load_model(out)
     expected = _bn_model(tiny).predict_on_batch(tiny["x"])
-    np.testing.assert_allclose(loaded.predict_on_batch(tiny["x"]), expected, rtol=1e-6, atol=1e-6)
+    # The same float32 weights through the same layers and kernels: the same roundings, bit-equal.
+    np.testing.assert_array_equal(loaded.predict_on_batch(tiny["x"]), expected)
     assert loaded.get_layer("block3_conv2_bn").epsilon == 1e-3
     with pytest.raises(WeightFileError, match="already exists"):
         write_bn_model(tiny["weights"], tiny["stats"], out)
@@ -260,7 +288,17 @@ def test_top_with_identity_dense_bn(tiny: dict[str, Any], tmp_path: Path) -> Non
     assert {"fc1_bn", "fc2_bn"} <= {layer.name for layer in model.layers}
     assert "predictions_bn" not in {layer.name for layer in model.layers}
     ref = FeatureNet(arch, ws.arrays, SIZE, outputs="activations", with_head=True)
-    expected = ref.activations(tiny["images"])[-1]
-    np.testing.assert_allclose(model.predict_on_batch(tiny["x"]), expected, atol=1e-6)
+    # Compared as logits (softmax squashes differences into saturated probabilities): each
+    # network's input to `predictions` h times its float64 kernel. fc2 is one more layer of the
+    # chain (the identity dense BNs add ~3 roundings each), so |dh| <= FUNCTION_TOL max|h| and
+    # logit j moves by <= that times sum_i |W_ij|; float64's own K u is ~1e-12 of it.
+    kernel = ws.arrays["predictions/kernel"].astype(np.float64)
+    h_bn = _taps(model, ["predictions"], "input").predict_on_batch(tiny["x"])
+    h_ref = _taps(ref.model, ["predictions"], "input").predict_on_batch(tiny["images"])
+    h_bn, h_ref = (
+        np.asarray(h[0] if isinstance(h, list) else h, np.float64) for h in (h_bn, h_ref)
+    )
+    bound = FUNCTION_TOL * np.abs(h_ref).max() * np.abs(kernel).sum(axis=0)
+    assert np.all(np.abs(h_bn @ kernel - h_ref @ kernel) <= bound)
     with pytest.raises(ArchitectureError, match="Flatten head"):
         build_bn_model(arch, ws.arrays, tiny["record"], size=64)
