@@ -22,16 +22,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-F64 = npt.NDArray[np.float64]
-FlattenOrder = Literal["hwc", "chw"]
+from .archs import FlattenOrder
+from .rescale import DEAD_THRESHOLD  # dead filters, left out of the means comparison
 
-#: Means at or below this are dead filters (as in :mod:`vggnorm.rescale`) and are left out.
-DEAD_THRESHOLD = 1e-8
+F64 = npt.NDArray[np.float64]
 
 
 def ratio_tolerance(dtypes: Sequence[np.dtype[Any]], n_layers: int) -> float:
@@ -427,7 +426,7 @@ def compare_files(
     from .pipeline import load, stock_named
 
     a, b = load(original), load(other)
-    if a.bound.arch.conv_names and b.bound.arch.name != a.bound.arch.name:
+    if b.bound.arch.name != a.bound.arch.name:
         raise ArchitectureError(
             f"{original} is a {a.bound.arch.name}, {other} a {b.bound.arch.name}"
         )
@@ -453,12 +452,15 @@ def compare_files(
     else:  # one of them has no head: compare the convs
         wa = {k: v for k, v in wa.items() if k.rsplit("/", 1)[0] in convs}
         wb = {k: v for k, v in wb.items() if k.rsplit("/", 1)[0] in convs}
-    report = compare_weights(wa, wb, convs, dense, flatten)
+    try:
+        report = compare_weights(wa, wb, convs, dense, flatten)
+    except ValueError as e:  # shapes that differ or do not chain
+        raise ArchitectureError(f"{original} and {other} are not the same network: {e}") from e
     out: dict[str, Any] = {"original": str(original), "other": str(other),
                            "report": report.to_dict(), "table": report.table()}  # fmt: skip
     if stats is not None:
         from .pipeline import check_fingerprint
-        from .statsfile import read_stats
+        from .statsfile import read_stats, stats_by_conv
 
         record = read_stats(stats)
         try:
@@ -466,7 +468,8 @@ def compare_files(
             out["stats_matches_original"] = True
         except StatsError:
             out["stats_matches_original"] = False
-        means = {c: s.mean for c, s in zip(convs, record.layers)}
+        matched = stats_by_conv(record, [(c, wa[f"{c}/kernel"].shape[3]) for c in convs])
+        means = {c: s.mean for c, s in matched.items()}
         vs = compare_with_means(report.scales, means)
         out["means"] = {k: asdict(v) for k, v in vs.items()}
     return out

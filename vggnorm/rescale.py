@@ -167,8 +167,17 @@ def rescale(
     return out
 
 
-def flatten_row_scale(channel_scale: F64, rows: int, order: FlattenOrder = "hwc") -> F64:
+def flatten_row_scale(channel_scale: npt.ArrayLike, rows: int, order: FlattenOrder = "hwc") -> F64:
     """The scale of each input row of the Dense after Flatten (or global pooling: ``rows = C``).
+
+    Args:
+        channel_scale: the last conv's per-filter scales (length C).
+        rows: the Dense's input rows (C * H * W).
+        order: ``"hwc"`` (Keras: row ``p*C + c`` reads channel c, ``np.tile``) or ``"chw"``
+            (PyTorch: row ``c*H*W + p`` reads channel c, ``np.repeat``).
+
+    Raises:
+        ValueError: ``rows`` is not a multiple of C, or an unknown order.
 
     Example:
         >>> flatten_row_scale(np.array([1.0, 2.0]), 4).tolist()
@@ -176,7 +185,11 @@ def flatten_row_scale(channel_scale: F64, rows: int, order: FlattenOrder = "hwc"
         >>> flatten_row_scale(np.array([1.0, 2.0]), 4, "chw").tolist()
         [1.0, 1.0, 2.0, 2.0]
     """
-    positions = rows // channel_scale.shape[0]
-    if order == "hwc":  # row (i*W + j)*C + c reads channel c
-        return np.tile(channel_scale, positions)
-    return np.repeat(channel_scale, positions)  # row c*H*W + i*W + j reads channel c
+    m = np.asarray(channel_scale, dtype=np.float64).ravel()
+    if m.size == 0 or rows % m.size:
+        raise ValueError(f"{rows} rows is not a multiple of {m.size} channels")
+    if order == "hwc":
+        return np.tile(m, rows // m.size)
+    if order == "chw":
+        return np.repeat(m, rows // m.size)
+    raise ValueError(f"unknown flatten order {order!r}; expected 'hwc' or 'chw'")

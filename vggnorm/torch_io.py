@@ -13,7 +13,6 @@ JSON sidecar ``<file>.vggnorm.json`` that records the sha256 of the weight file 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from .torch_layouts import (
     from_canonical,
     to_canonical,
 )
+from .weights_io import sha256_file
 from .weightset import LayerEntry, WeightFile, WeightSet
 
 Container = Literal["safetensors", "pth"]
@@ -256,14 +256,6 @@ def _arch_of(canonical: Mapping[str, np.ndarray]) -> str:
     raise WeightFileError("canonical arrays match neither VGG16 nor VGG19 conv names")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 16), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _checked_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -350,7 +342,7 @@ def write_torch(
             _write_pth(tmp, state, dtypes)
     if container == "pth":
         sidecar = Path(str(path) + SIDECAR_SUFFIX)
-        record = {**meta, SIDECAR_HASH_KEY: _sha256(path)}
+        record = {**meta, SIDECAR_HASH_KEY: sha256_file(path)}
         with atomic_path(sidecar) as tmp:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path
@@ -392,7 +384,7 @@ def read_provenance(path: Path | str) -> dict[str, str]:
     ):
         raise WeightFileError(f"{sidecar}: provenance must be a JSON object of strings")
     recorded = record.pop(SIDECAR_HASH_KEY, None)
-    if recorded != _sha256(path):
+    if recorded != sha256_file(path):
         raise WeightFileError(
             f"{sidecar}: describes a file with sha256 {recorded}, but {path.name} differs; "
             f"the weights changed after vggnorm wrote them (delete the sidecar to proceed)"

@@ -33,11 +33,11 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from .archs import ARCHS, Arch, ConvSpec
+from .archs import ARCHS, Arch, ConvSpec, FlattenOrder
 from .errors import ArchitectureError, WeightFileError
+from .rescale import flatten_row_scale as flatten_row_scale
 
 Layout = Literal["torchvision", "gatys", "adain"]
-FlattenOrder = Literal["hwc", "chw"]
 Padding = Literal["zero", "reflect"]
 
 LAYOUT_NAMES: tuple[Layout, ...] = ("torchvision", "gatys", "adain")
@@ -377,37 +377,6 @@ def from_canonical(
             )
         out[key] = np.array(w, order="C", copy=True)
     return out
-
-
-def flatten_row_scale(
-    m_last: npt.ArrayLike, rows: int, order: FlattenOrder
-) -> npt.NDArray[np.float64]:
-    """Per-row multiplier of the first Dense after a Flatten of the last conv map.
-
-    Args:
-        m_last: the last conv's per-filter scales (length C).
-        rows: the Dense's input rows (C * H * W).
-        order: ``"hwc"`` (Keras: row ``p*C + c`` reads channel c, ``np.tile``) or ``"chw"``
-            (torch: row ``c*H*W + p`` reads channel c, ``np.repeat``).
-
-    Returns:
-        float64 array of length ``rows``.
-
-    Raises:
-        ValueError: ``rows`` is not a multiple of C, or an unknown order.
-
-    Example:
-        >>> flatten_row_scale([1.0, 2.0], 4, "chw").tolist()
-        [1.0, 1.0, 2.0, 2.0]
-    """
-    m = np.asarray(m_last, dtype=np.float64).ravel()
-    if m.size == 0 or rows % m.size:
-        raise ValueError(f"{rows} rows is not a multiple of {m.size} channels")
-    if order == "hwc":
-        return np.tile(m, rows // m.size)
-    if order == "chw":
-        return np.repeat(m, rows // m.size)
-    raise ValueError(f"unknown flatten order {order!r}; expected 'hwc' or 'chw'")
 
 
 def convert_flatten_rows(

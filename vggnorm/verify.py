@@ -353,5 +353,5 @@ def _check_head(
         "max_abs_err": max_abs,
         "max_rel_err": max_rel,
         "top1_agreement": agree / max(n, 1),
-        "ok": float(max_rel <= FUNCTION_TOL),
+        "ok": float(n > 0 and max_rel <= FUNCTION_TOL),
     }
