@@ -9,12 +9,10 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .data import Dataset, Decode, iter_batches
 from .errors import DatasetError
 from .pipeline import Loaded
-from .stats import LayerStats
+from .stats import LayerStats, accumulate, empty_stats, merge_stats
 from .statsfile import StatsMeta
 
 
@@ -30,7 +28,7 @@ class Counted:
 
     def plus(self, other: Counted) -> Counted:
         """This stretch followed by ``other`` (sums add in float64, lists concatenate)."""
-        layers = tuple(a.merge(b) for a, b in zip(self.layers, other.layers, strict=True))
+        layers = merge_stats(self.layers, other.layers)
         return Counted(layers, self.images + other.images, self.skipped + other.skipped, other.end)
 
 
@@ -51,10 +49,13 @@ def measure(
         if strict and batch.skipped:
             _, reason, detail = batch.skipped[0]
             raise DatasetError(f"{reason}: {detail} (strict: skips are errors)")
-        layers = tuple(
-            LayerStats(name, np.asarray(s, np.float64), np.asarray(sq, np.float64), n)
-            for name, (s, sq, n) in net.moments(batch.images).items()
-        ) if batch.items else tuple(LayerStats.empty(c.name, c.filters) for c in net.arch.convs)  # fmt: skip
+        layers = empty_stats((c.name, c.filters) for c in net.arch.convs)
+        if batch.items:
+            sums = net.moments(batch.images)
+            layers = accumulate(
+                layers, {k: (s, sq) for k, (s, sq, _) in sums.items()},
+                {k: n for k, (_, _, n) in sums.items()},
+            )  # fmt: skip
         yield Counted(layers, tuple(batch.items), tuple(batch.skipped), batch.end)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import StatsError
-from .stats import LayerStats
+from .stats import LayerStats, means
 
 FORMAT = "vggnorm-stats"
 FORMAT_VERSION = 1
@@ -89,7 +89,7 @@ class StatsRecord:
         return dict(Counter(reason for _, reason, _ in self.skipped))
 
     def means(self) -> dict[str, np.ndarray]:
-        return {s.name: s.mean for s in self.layers}
+        return means(self.layers)
 
     def with_meta(self, **changes: Any) -> StatsRecord:
         return replace(self, meta=replace(self.meta, **changes))
