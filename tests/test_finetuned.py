@@ -255,3 +255,23 @@ def test_batchnorm_between_conv_and_relu_is_rescaled_exactly(
     # gamma and moving variance are untouched; beta and moving mean carry the scale.
     before, after = inspect_weights(src), inspect_weights(tmp_path / f"n{suffix}")
     assert [e.name for e in before.layers] == [e.name for e in after.layers]
+
+
+def test_report_loss_panel_on_a_conv_batchnorm_relu_model(images: Path, tmp_path: Path) -> None:
+    """The loss panel rescales with the architecture's BatchNorm mapping, as apply does: the
+    in-memory rescaling and apply's file give the same losses, and the function check holds."""
+    from vggnorm.pipeline import FUNCTION_TOL
+    from vggnorm.report import loss_spread_for
+
+    src = _save(_conv_bn_relu_model(), tmp_path / "m.keras")
+    stats = tmp_path / "s.h5"
+    record = collect_stats(src, images, decode=Decode(SIZE), out=stats, batch_size=4)
+    normalize(src, tmp_path / "n.keras", stats)
+    in_memory = loss_spread_for(src, record)
+    from_file = loss_spread_for(src, record, normalized=tmp_path / "n.keras")
+    assert in_memory["function_rel_err"] <= FUNCTION_TOL
+    assert from_file["function_rel_err"] <= FUNCTION_TOL
+    # the file holds rescale's float32 arrays exactly, so both runs compute the same activations
+    assert [r["name"] for r in in_memory["layers"]] == ["c1", "c2", "c3"]
+    for a, b in zip(in_memory["layers"], from_file["layers"], strict=True):
+        assert a == b
