@@ -4,9 +4,9 @@ Every byte outside the raw storage of the file's datasets is a candidate (superb
 headers, B-trees, heaps); ``--positions`` of them are drawn with a fixed seed, each flipped with
 one of the XOR masks 0x01, 0x10, 0x80, 0xFF. Each damaged copy is read twice:
 
-(a) unguarded: ``vggnorm.weights_io.read_weights`` as the CLI calls it today, run in a plain
+(a) unguarded: the reader itself (``weights_io._read_weights``, ``statsfile._read_stats``), run in a plain
     forked child with a deadline only so that this script survives hangs;
-(b) guarded: ``vggnorm.guard.run_guarded(read_weights, ...)``.
+(b) guarded: ``read_weights``/``read_stats`` as every command calls them (a child with a deadline).
 
 Outcomes: ``ok`` (read), ``clean`` (a one-line :class:`VggnormError` naming the file), ``other``
 (any other exception: a traceback for the user), ``timeout`` (the read hung), ``crash``.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -36,10 +37,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vggnorm import guard
-from vggnorm.errors import StatsError, VggnormError, WeightFileError
+from vggnorm.errors import VggnormError
 from vggnorm.stats import LayerStats
-from vggnorm.statsfile import StatsMeta, StatsRecord, read_stats, write_stats
-from vggnorm.weights_io import read_weights
+from vggnorm.statsfile import StatsMeta, StatsRecord, _read_stats, read_stats, write_stats
+from vggnorm.weights_io import _read_weights, read_weights
 
 FLIPS = (0x01, 0x10, 0x80, 0xFF)
 VGG16 = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
@@ -100,7 +101,7 @@ def metadata_offsets(path: Path) -> np.ndarray:
 
 def _unguarded_child(path: str, conn: Any, stats: bool) -> None:
     try:
-        (read_stats if stats else read_weights)(path)
+        (_read_stats if stats else _read_weights)(Path(path))  # the reader, unguarded
         conn.send("ok")
     except VggnormError as e:
         conn.send("clean" if "\n" not in str(e) and path in str(e) else "other")
@@ -127,9 +128,10 @@ def unguarded(path: Path, timeout: float, stats: bool) -> str:
 
 
 def guarded(path: Path, timeout: float, stats: bool) -> str:
-    reader, error = (read_stats, StatsError) if stats else (read_weights, WeightFileError)
+    reader = read_stats if stats else read_weights  # what the commands call: guarded
+    os.environ[guard.TIMEOUT_ENV] = str(timeout)
     try:
-        guard.run_guarded(reader, path, what=path, timeout=timeout, error=error)
+        reader(path)
     except VggnormError as e:
         if "reading took more than" in str(e):
             return "timeout"
@@ -190,18 +192,18 @@ def overhead(work: Path) -> None:
               f"(min {min(times):.4f}, max {max(times):.4f})")  # fmt: skip
     big = write_legacy(work / "vgg16_full.h5", VGG16, [(25088, 4096), (4096, 4096), (4096, 1000)])
     print(f"VGG16-sized file: {big.stat().st_size / 1e6:.0f} MB (page cache warm)")
-    read_weights(big)
+    _read_weights(big)
     rows = collections.defaultdict(list)
     for _ in range(3):
         t0 = time.perf_counter()
-        read_weights(big)
+        _read_weights(big)
         rows["in process"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        guard.run_guarded(read_weights, big, what=big)
+        read_weights(big)
         rows["guarded (forkserver, arrays via memfd)"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         with multiprocessing.get_context("forkserver").Pool(1) as pool:
-            pool.apply(read_weights, (big,))
+            pool.apply(_read_weights, (big,))
         rows["Pool.apply (plain pickle through a pipe)"].append(time.perf_counter() - t0)
     for name, ts in rows.items():
         runs = ", ".join(f"{t:.2f}" for t in ts)

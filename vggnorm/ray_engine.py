@@ -270,12 +270,15 @@ class RayEngine:
                 position = counted.end
                 yield counted
                 continue
-            for slot in self.slots:
-                while pending and not slot.dead and slot.inflight < DEPTH:
-                    s = pending.pop()
-                    ref = slot.handle.block.remote(s, min(s + size, len(items)), batch_size, strict)
-                    refs[ref] = (s, slot)
-                    slot.inflight += 1
+            while pending:  # the least busy worker first, so blocks spread over all of them
+                free = [x for x in self.slots if not x.dead and x.inflight < DEPTH]
+                if not free:
+                    break
+                slot = min(free, key=lambda x: x.inflight)
+                s = pending.pop()
+                ref = slot.handle.block.remote(s, min(s + size, len(items)), batch_size, strict)
+                refs[ref] = (s, slot)
+                slot.inflight += 1
             ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:
                 s, slot = refs.pop(ref)
