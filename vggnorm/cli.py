@@ -157,7 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[f["common"], *(f[p] for p in parents)],
                               formatter_class=fmt, help=help, description=description)  # fmt: skip
 
-    # stats ------------------------------------------------------------------------------------
+    for add in (
+        _add_stats,
+        _add_apply,
+        _add_verify,
+        _add_merge,
+        _add_report,
+        _add_bn,
+        _add_export,
+        _add_compare,
+    ):
+        add(command)
+    return parser
+
+
+def _add_stats(command: Any) -> None:
+    """``stats``: gather per-filter statistics."""
     p = command("stats", ["model", "force", "batch", "ray"],
         "gather per-filter activation statistics over an image dataset",
         "Stream images through the VGG conv layers and record, per filter, the exact float64 sum "
@@ -267,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="save progress to --out this often (default 300)",
     )
 
-    # apply ------------------------------------------------------------------------------------
+
+def _add_apply(command: Any) -> None:
+    """``apply``: write the normalized copy."""
     p = command("apply", ["stats", "model", "force"], "write a normalized copy of a weight file",
         "Divide each conv filter by its mean activation, compensate the next layer's inputs, and "
         "write the result in the input's format and layout, with its provenance.")  # fmt: skip
@@ -287,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the provenance as JSON")
 
-    # verify -----------------------------------------------------------------------------------
+
+def _add_verify(command: Any) -> None:
+    """``verify``: prove the output."""
     p = command("verify", ["batch", "ray"],
         "prove the normalized file computes the same function and has unit means",
         "Compare every conv activation of the normalized and original networks on a few stats "
@@ -321,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", metavar="PNG", help="also draw the per-layer table as a figure (needs matplotlib)"
     )
 
-    # merge ------------------------------------------------------------------------------------
+
+def _add_merge(command: Any) -> None:
+    """``merge``: combine shards."""
     p = command("merge", ["force"],
         "combine stats files of disjoint image sets (e.g. shards) exactly",
         "Add the sums, sums of squares and counts of complete stats runs over disjoint images of "
@@ -335,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"merged stats file (default {DEFAULT_STATS})",
     )
 
-    # report -----------------------------------------------------------------------------------
+
+def _add_report(command: Any) -> None:
+    """``report``: figures and numbers."""
     p = command("report", ["stats", "force"],
         "plot what normalization did: per-layer means, dead filters, loss spread",
         "Write a PNG figure and a JSON summary from a stats file: the per-filter mean activations "
@@ -366,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="figure to write (default vggnorm-report.png); the JSON goes beside it",
     )
 
-    # bn ---------------------------------------------------------------------------------------
+
+def _add_bn(command: Any) -> None:
+    """``bn``: the BatchNorm model."""
     p = command("bn", ["stats", "model", "force"],
         "build the VGG with identity-initialised BatchNorm after every conv, for fine-tuning",
         "Insert a BatchNormalization after every ReLU conv, initialised from the stats (moving "
@@ -394,12 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also put (identity) BatchNorm after the ReLU Dense layers of the top",
     )
-    _add_torch_commands(command)
-    return parser
 
 
-def _add_torch_commands(command: Any) -> None:
-    """``export`` and ``compare``: PyTorch layouts and checking a claimed normalized file."""
+def _add_export(command: Any) -> None:
+    """``export``: PyTorch layouts."""
     p = command("export", ["force"],
         "write a VGG weight file in a PyTorch layout (torchvision, Gatys, AdaIN)",
         "Copy the weights of any supported file (Keras or PyTorch, normalized or not) into the "
@@ -426,8 +449,13 @@ def _add_torch_commands(command: Any) -> None:
         action="store_true",
         help="torchvision layout from caffe-input weights (Keras's): fold the BGR "
         "0-255 convention into conv1_1 so the file takes torchvision's normalised "
-        "RGB (exact except at the zero-padded image border)",
+        "RGB (exact except at the zero-padded image border); only with --layout "
+        "torchvision",
     )
+
+
+def _add_compare(command: Any) -> None:
+    """``compare``: is one file a rescaling of another?"""
     p = command("compare", [],
         "tell whether one weight file is a per-filter rescaling of another",
         "Recover the per-filter positive scales that turn ORIGINAL into OTHER (any two supported "
