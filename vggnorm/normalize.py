@@ -145,7 +145,11 @@ def _provenance(
         "head_dense": head.dense[0].name if head and head.dense else None,
         "dead_threshold": dead_threshold,
         "dead_filters": {k: v.tolist() for k, v in scales.dead.items() if len(v)},
-        "scales": "vggnorm/scales/<NN>_<layer>: float64 divisor of each filter (dead: 1)",
+        "scales": (
+            "vggnorm.scales metadata (JSON): float64 divisor of each filter (dead: 1)"
+            if loaded.weights.file.format in ("safetensors", "pth")
+            else "vggnorm/scales/<NN>_<layer>: float64 divisor of each filter (dead: 1)"
+        ),
         "undo": "kernel[..., c] *= s[c] and bias[c] *= s[c]; next conv kernel[:, :, c, :] /= s[c]; "
         "first dense rows /= s_last in flatten order",
     }  # fmt: skip

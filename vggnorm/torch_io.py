@@ -309,7 +309,7 @@ def write_torch(
         layout: the state-dict layout to write.
         canonical_arrays: ``"<layer>/kernel"``/``"<layer>/bias"`` arrays; not modified.
         source: the file that was read: its key order, stored dtypes, untouched tensors (AdaIN's
-            ``0.*``) and metadata are kept; required for AdaIN.
+            ``0.*``) and metadata are kept; without it AdaIN gets the published input conv.
         metadata: provenance, str -> str; merged over the source's metadata. For safetensors it
             goes into the header, for ``.pth`` into ``<path>.vggnorm.json`` (with the sha256 of
             the written file).
