@@ -17,11 +17,10 @@ from . import __version__
 from .atomic import check_output, output_lock
 from .data import Dataset, Decode, items_sha256, open_dataset, select
 from .errors import DatasetError, Interrupted, StatsError, VggnormError
-from .measure import Counted, feature_net, measure
+from .measure import Counted, stretches
 from .pipeline import (
     Loaded,
     Progress,
-    decode_of,
     default_preprocess,
     load,
     now,
@@ -203,14 +202,10 @@ def _run(
         meta = replace(record.meta, position=total.end, complete=complete, updated=now())
         return StatsRecord(meta, total.layers, total.images, total.skipped)
 
-    if engine is None:
-        net = feature_net(loaded, record.meta, batch_size)
-        stretches = measure(net, ds, items, decode_of(record.meta), batch_size,
-                            start=total.end, workers=workers, strict=strict)  # fmt: skip
-    else:
-        stretches = engine(loaded, ds, items, record.meta, batch_size, total.end, strict)
+    counts = stretches(loaded, ds, items, record.meta, batch_size, start=total.end,
+                       workers=workers, strict=strict, engine=engine)  # fmt: skip
     try:
-        for counted in stretches:
+        for counted in counts:
             total = total.plus(counted)
             if progress:
                 progress(Progress(total.end, len(items), len(total.images), len(total.skipped)))
@@ -228,7 +223,7 @@ def _run(
             "run the same command with --resume to continue"
         ) from e
     finally:
-        stretches.close()  # stops decoding threads or cluster workers
+        counts.close()  # stops decoding threads or cluster workers
     if not total.images:
         raise DatasetError(
             f"none of the {len(items)} images could be used ({len(total.skipped)} skipped: "

@@ -32,7 +32,7 @@ import numpy as np
 from .archs import ActivationSpec, Arch, DenseSpec
 from .data import Dataset, Decode, iter_batches
 from .errors import StatsError, WeightFileError
-from .measure import Counted, feature_net, measure
+from .measure import Counted, stretches
 from .pipeline import (
     FUNCTION_TOL,
     Loaded,
@@ -258,18 +258,14 @@ def _remeasure(
     meta = replace(record.meta, precision="fp32")
     zero = empty_stats((c.name, c.filters) for c in norm.bound.arch.convs)
     total = Counted(zero, (), (), 0)
-    if engine is None:
-        net = feature_net(norm, meta, batch_size)
-        stretches = measure(net, ds, items, decode_of(meta), batch_size, workers=workers)
-    else:
-        stretches = engine(norm, ds, items, meta, batch_size, 0, False)
+    counts = stretches(norm, ds, items, meta, batch_size, workers=workers, engine=engine)
     try:
-        for counted in stretches:
+        for counted in counts:
             total = total.plus(counted)
             if progress:
                 progress(Progress(total.end, len(items), len(total.images), len(total.skipped)))
     finally:
-        stretches.close()
+        counts.close()
     if total.skipped:
         notes.append(
             f"{len(total.skipped)} stats image(s) could not be decoded now: {total.skipped[0][0]}"
