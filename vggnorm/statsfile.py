@@ -52,9 +52,8 @@ class StatsMeta:
     dataset_items: int  # images found in the dataset before --limit/--shard
     selection_sha256: str  # of the ordered items this run covers
     selection_size: int
-    padding: str = (
-        "zero"  # how the convs padded their inputs: zero (Keras, torchvision) or reflect (AdaIN)
-    )
+    # how the convs padded their inputs: zero (Keras, torchvision) or reflect (AdaIN)
+    padding: str = "zero"
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
     position: int = 0  # items of the selection consumed so far
