@@ -2,7 +2,7 @@
 
     python scripts/bench_decode.py [--images 200] [--size 224] [--threads 1,2]
 
-``vggnorm.data.load_image`` (the decoding every run uses) on COCO-like 640x480 JPEGs
+``vggnorm.runtime.data.load_image`` (the decoding every run uses) on COCO-like 640x480 JPEGs
 (scripts/bench_stats.py ``make_jpegs``), full decode and ``--draft`` (DCT-domain reduced), with 1
 and 2 threads; prints images/s and images/s per thread (= per core when threads <= cores).
 """
@@ -30,7 +30,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", default="1,2")
     a = p.parse_args()
-    from vggnorm.data import Decode, load_image
+    from vggnorm.core.inputs import Decode
+    from vggnorm.runtime.data import load_image
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_jpegs(Path(tmp), 0, a.images)

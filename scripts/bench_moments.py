@@ -1,6 +1,6 @@
 """Time the on-device moment reduction vggnorm adds to each conv layer.
 
-Runs the reduction of vggnorm.model (row sums of x and x*x in the activation's dtype, float64
+Runs the reduction of vggnorm.runtime.network (row sums of x and x*x in the activation's dtype, float64
 beyond) on one block1-sized activation batch (16 x 224 x 224 x 64, post-ReLU), in float32 and
 bfloat16: with and without XLA, the sum alone, and through a float32 or float64 copy of the
 activations (what earlier versions did: Keras autocast the layer input to float64).
@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     import tensorflow as tf
 
-    def moments(x: tf.Tensor) -> tf.Tensor:  # the same arithmetic as vggnorm.model
+    def moments(x: tf.Tensor) -> tf.Tensor:  # the same arithmetic as vggnorm.runtime.network
         rows = tf.stack([tf.reduce_sum(x, 2), tf.reduce_sum(x * x, 2)])
         return tf.reduce_sum(tf.cast(rows, tf.float64), (1, 2))
 

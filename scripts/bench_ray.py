@@ -33,9 +33,9 @@ def main() -> int:
     a = p.parse_args()
     import ray
 
-    from vggnorm.collect import collect_stats
-    from vggnorm.data import Decode
-    from vggnorm.ray_engine import RayEngine
+    from vggnorm.commands.stats import collect_stats
+    from vggnorm.core.inputs import Decode
+    from vggnorm.runtime.ray_engine import RayEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

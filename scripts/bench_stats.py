@@ -253,8 +253,8 @@ def run_vggnorm(
     draft: bool = True,
     shard: tuple[int, int] = (0, 1),
 ) -> tuple[Any, dict[str, Any]]:
-    from vggnorm.collect import collect_stats
-    from vggnorm.data import Decode
+    from vggnorm.commands.stats import collect_stats
+    from vggnorm.core.inputs import Decode
 
     marks: list[tuple[float, int]] = []
     t0 = time.perf_counter()
@@ -390,8 +390,8 @@ def naive_errors(
     precision: str,
 ) -> dict[str, Any]:
     """The naive loop's error and its sources, on the arrays load_img produced."""
-    from vggnorm.collect import load_model_weights
-    from vggnorm.model import FeatureNet
+    from vggnorm.commands.stats import load_model_weights
+    from vggnorm.runtime.network import FeatureNet
 
     ws, bound = load_model_weights(weights, None)
     names = list(bound.arch.conv_names)
@@ -492,7 +492,7 @@ def memory(
     precision: str,
     workers: int,
 ) -> dict[str, Any]:
-    from vggnorm.statsfile import read_stats
+    from vggnorm.formats.statsfile import read_stats
 
     out: dict[str, Any] = {"size": size, "precision": precision, "runs": {}}
     for label, data in dirs.items():
@@ -729,8 +729,9 @@ def _stage(name: str) -> Callable[[], float]:
 
 
 def _main(args: argparse.Namespace, work: Path) -> int:
-    from vggnorm.data import Decode, load_image, open_dataset
-    from vggnorm.stats import merge_stats
+    from vggnorm.core.inputs import Decode
+    from vggnorm.core.stats import merge_stats
+    from vggnorm.runtime.data import load_image, open_dataset
 
     n, bs, size = args.images, args.batch_size, args.size
     res: dict[str, Any] = {"machine": machine(), "notes": [], "stage_seconds": {}}

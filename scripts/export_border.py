@@ -95,7 +95,7 @@ def bands(arch: str, size: int) -> list[int]:
 
 
 def table(names: list[str], ref: list[np.ndarray], got: list[np.ndarray], arch: str) -> None:
-    from vggnorm.pipeline import FUNCTION_TOL
+    from vggnorm.core.verdicts import FUNCTION_TOL
 
     print(f"{'layer':<14}{'map':>6}{'band':>6}{'all':>11}{'interior':>11}{'band %':>9}"
           f"{'affected %':>12}")  # fmt: skip
@@ -122,8 +122,9 @@ def main() -> None:
     from safetensors.torch import load_file
     from torch_vgg import TorchvisionVGG, adain_relu_outputs, adain_vgg
 
-    from vggnorm.data import Decode, load_image
-    from vggnorm.export import export
+    from vggnorm.commands.export import export
+    from vggnorm.core.inputs import Decode
+    from vggnorm.runtime.data import load_image
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()

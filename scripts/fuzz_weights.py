@@ -4,7 +4,7 @@ Every byte outside the raw storage of the file's datasets is a candidate (superb
 headers, B-trees, heaps); ``--positions`` of them are drawn with a fixed seed, each flipped with
 one of the XOR masks 0x01, 0x10, 0x80, 0xFF. Each damaged copy is read twice:
 
-(a) unguarded: the reader itself (``weights_io._read_weights``, ``statsfile._read_stats``), run in a plain
+(a) unguarded: the reader itself (``vggnorm.formats.keras_h5._read``, ``statsfile._read_stats``), run in a plain
     forked child with a deadline only so that this script survives hangs;
 (b) guarded: ``read_weights``/``read_stats`` as every command calls them (a child with a deadline).
 
@@ -36,11 +36,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vggnorm import guard
-from vggnorm.errors import VggnormError
-from vggnorm.stats import LayerStats
-from vggnorm.statsfile import StatsMeta, StatsRecord, _read_stats, read_stats, write_stats
-from vggnorm.weights_io import _read_weights, read_weights
+from vggnorm.core.errors import VggnormError
+from vggnorm.core.inputs import Decode
+from vggnorm.core.stats import LayerStats
+from vggnorm.core.statsrecord import StatsMeta, StatsRecord
+from vggnorm.formats import _guard as guard
+from vggnorm.formats.keras_h5 import _read as _read_weights  # the reader, unguarded
+from vggnorm.formats.registry import read_weights
+from vggnorm.formats.statsfile import _read_stats, read_stats, write_stats
 
 FLIPS = (0x01, 0x10, 0x80, 0xFF)
 VGG16 = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
@@ -70,8 +73,8 @@ def write_legacy(path: Path, convs: list[tuple[int, int]], dense: list[tuple[int
 def write_stats_file(path: Path) -> Path:
     """A stats file for a 13-conv model (what `vggnorm stats` writes), 3 images, 1 skipped."""
     meta = StatsMeta(
-        model="vgg16", fingerprint="f" * 64, weights="w.h5", size=224,
-        resize="shorter-center-crop", interpolation="bicubic", draft=False, preprocess="caffe",
+        model="vgg16", fingerprint="f" * 64, weights="w.h5", decode=Decode(size=224, resize="shorter-center-crop", interpolation="bicubic", draft=False),
+           preprocess="caffe",
         precision="fp32", dataset_kind="folder", dataset_path="/d", dataset_root="/d",
         annotations=None, dataset_items=4, selection_sha256="0" * 64, selection_size=4,
         complete=True,

@@ -9,10 +9,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vggnorm import topology
-from vggnorm.stats import LayerStats
-from vggnorm.statsfile import StatsMeta, StatsRecord
-from vggnorm.weights_io import PROVENANCE_GROUP, WeightSet
+from vggnorm.core import topology
+from vggnorm.core.inputs import Decode
+from vggnorm.core.stats import LayerStats
+from vggnorm.core.statsrecord import StatsMeta, StatsRecord
+from vggnorm.core.weightset import WeightSet
+from vggnorm.formats._h5 import PROVENANCE_GROUP
 
 DEAD_FILTERS = [1, 3]
 
@@ -96,10 +98,10 @@ def make_record(ws: WeightSet, bound: topology.Bound, *, seed: int = 0) -> Stats
         model=bound.arch.name,
         fingerprint=topology.fingerprint(ws.arrays, bound.arch.weighted_features),
         weights=str(ws.file.path),
-        size=32,
-        resize="crop",
-        interpolation="bilinear",
-        draft=False,
+        decode=Decode(size=32, resize="crop", interpolation="bilinear", draft=False),
+
+
+
         preprocess="caffe",
         precision="fp32",
         dataset_kind="folder",

@@ -12,10 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vggnorm.bn import bn_params, identity_bn_params, preprocess_images, write_bn_model
-from vggnorm.errors import ArchitectureError, StatsError, WeightFileError
-from vggnorm.pipeline import FUNCTION_TOL
-from vggnorm.stats import LayerStats
+from vggnorm.commands.bn import write_bn_model
+from vggnorm.core.bnparams import bn_params, identity_bn_params
+from vggnorm.core.errors import ArchitectureError, StatsError, WeightFileError
+from vggnorm.core.inputs import preprocess_images
+from vggnorm.core.stats import LayerStats
+from vggnorm.core.verdicts import FUNCTION_TOL
 
 SIZE = 32
 U32 = 2.0**-24  # one float32 rounding, relative
@@ -110,7 +112,7 @@ def test_preprocess_images_schemes() -> None:
 
 def test_importing_bn_and_report_loads_neither_keras_nor_matplotlib() -> None:
     code = (
-        "import sys, vggnorm.bn, vggnorm.report; "
+        "import sys, vggnorm.commands.bn, vggnorm.commands.report; "
         "bad = [m for m in ('keras', 'tensorflow', 'matplotlib') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -125,8 +127,9 @@ def test_write_bn_model_refuses_other_suffixes(tmp_path: Path) -> None:
 def test_write_bn_model_refuses_existing_output(tmp_path: Path) -> None:
     out = tmp_path / "out.keras"
     out.write_bytes(b"precious")
-    with pytest.raises(WeightFileError, match="--force"):
+    with pytest.raises(WeightFileError, match="already exists") as info:
         write_bn_model(tmp_path / "in.h5", tmp_path / "s.h5", out)
+    assert info.value.fix == "force"  # the CLI turns it into "pass --force"
     assert out.read_bytes() == b"precious"
 
 
@@ -139,10 +142,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from keras_files import save_downloaded_layout, tiny_vgg
     from photos import write_photos
 
-    from vggnorm.collect import collect_stats
-    from vggnorm.data import Decode, load_image
-    from vggnorm.topology import bind
-    from vggnorm.weights_io import read_weights
+    from vggnorm.commands.stats import collect_stats
+    from vggnorm.core.inputs import Decode
+    from vggnorm.core.topology import bind
+    from vggnorm.formats.registry import read_weights
+    from vggnorm.runtime.data import load_image
 
     root = tmp_path_factory.mktemp("bn")
     write_photos(root / "images", [f"img{i}.png" for i in range(6)])
@@ -167,7 +171,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _bn_model(tiny: dict[str, Any], **kwargs: Any) -> Any:
-    from vggnorm.bn import build_bn_model
+    from vggnorm.runtime.bn_network import build_bn_model
 
     return build_bn_model(tiny["arch"], tiny["arrays"], tiny["record"], size=SIZE, **kwargs)
 
@@ -180,7 +184,7 @@ def _taps(model: Any, names: list[str], attr: str) -> Any:
 
 @pytest.mark.keras
 def test_bn_model_computes_the_original_function(tiny: dict[str, Any]) -> None:
-    from vggnorm.model import FeatureNet
+    from vggnorm.runtime.network import FeatureNet
 
     model = _bn_model(tiny)
     convs = list(tiny["arch"].conv_names)
@@ -248,7 +252,8 @@ def test_written_keras_file_loads_and_matches(tiny: dict[str, Any], tmp_path: Pa
     import keras
 
     out = tmp_path / "vgg16_bn.keras"
-    assert write_bn_model(tiny["weights"], tiny["stats"], out) == out
+    result = write_bn_model(tiny["weights"], tiny["stats"], out)
+    assert (result.out, result.size, result.preprocess) == (out, 32, "caffe")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vgg16_bn.keras"]  # no temp left
     loaded = keras.models.load_model(out)
     expected = _bn_model(tiny).predict_on_batch(tiny["x"])
@@ -275,10 +280,10 @@ def test_stats_of_another_model_are_refused(tiny: dict[str, Any], tmp_path: Path
 def test_top_with_identity_dense_bn(tiny: dict[str, Any], tmp_path: Path) -> None:
     from keras_files import save_downloaded_layout, tiny_vgg
 
-    from vggnorm.bn import build_bn_model
-    from vggnorm.model import FeatureNet
-    from vggnorm.topology import bind, fingerprint
-    from vggnorm.weights_io import read_weights
+    from vggnorm.core.topology import bind, fingerprint
+    from vggnorm.formats.registry import read_weights
+    from vggnorm.runtime.bn_network import build_bn_model
+    from vggnorm.runtime.network import FeatureNet
 
     # Same seed: the same conv weights as the notop model, so the same stats apply.
     ws = read_weights(save_downloaded_layout(tiny_vgg(include_top=True), tmp_path / "top.h5"))

@@ -14,7 +14,7 @@ import pytest
 from photos import write_photos
 
 from vggnorm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, main
-from vggnorm.statsfile import read_stats
+from vggnorm.formats.statsfile import read_stats
 
 
 def _images(root: Path, names: list[str], seed: int = 0) -> None:
@@ -130,7 +130,7 @@ def test_coco_tree_and_tampered_output_fails_verify(
 def test_interrupted_stats_resume_equals_uninterrupted_run(
     tmp_path: Path, vgg16_notop: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vggnorm.model import FeatureNet
+    from vggnorm.runtime.network import FeatureNet
 
     monkeypatch.chdir(tmp_path)
     _images(tmp_path / "imgs", [f"{i}.png" for i in range(7)])

@@ -9,10 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vggnorm.archs import VGG19
-from vggnorm.compare import _column_median, compare_weights, compare_with_means, ratio_tolerance
-from vggnorm.rescale import Scales, compute_scales, rescale
-from vggnorm.torch_layouts import compensate_head
+from vggnorm.core.archs import VGG19
+from vggnorm.core.compare import (
+    _column_median,
+    compare_weights,
+    compare_with_means,
+    ratio_tolerance,
+)
+from vggnorm.core.rescale import Scales, compute_scales, rescale
+from vggnorm.core.torch_layouts import compensate_head
 
 WIDTHS = (3, 8, 16, 16, 32)
 CONVS = [f"c{i}" for i in range(1, len(WIDTHS))]

@@ -2,7 +2,7 @@
 
 The fuzz flips single bytes in the METADATA of small files (every byte outside the raw storage
 of the contiguous datasets: superblock, object headers, B-trees, local and global heaps, zip
-structures) and reads each damaged file through :func:`vggnorm.guard.run_guarded`. No Keras.
+structures) and reads each damaged file through :func:`vggnorm.formats._guard.run_guarded`. No Keras.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import h5py
 import numpy as np
 import pytest
 
-from vggnorm import guard
-from vggnorm.errors import DatasetError, StatsError, VggnormError, WeightFileError
-from vggnorm.guard import read_timeout, run_guarded
-from vggnorm.stats import LayerStats
-from vggnorm.statsfile import StatsMeta, StatsRecord, _read_stats, read_stats, write_stats
-from vggnorm.weights_io import _read_weights, read_weights
+from vggnorm.core.errors import DatasetError, StatsError, VggnormError, WeightFileError
+from vggnorm.core.inputs import Decode
+from vggnorm.core.stats import LayerStats
+from vggnorm.core.statsrecord import StatsMeta, StatsRecord
+from vggnorm.formats import _guard as guard
+from vggnorm.formats._guard import read_timeout, run_guarded
+from vggnorm.formats.registry import adapter_for, read_weights
+from vggnorm.formats.statsfile import _read_stats, read_stats, write_stats
 
 #: Deadline of one fuzzed read. A tiny file reads in milliseconds; this only bounds a hang.
 FUZZ_TIMEOUT = 5.0
@@ -80,8 +82,8 @@ def write_keras_zip(path: Path, inner: bytes) -> Path:
 
 def write_stats_file(path: Path) -> Path:
     meta = StatsMeta(
-        model="vgg16", fingerprint="f" * 64, weights="w.h5", size=224,
-        resize="shorter-center-crop", interpolation="bicubic", draft=False, preprocess="caffe",
+        model="vgg16", fingerprint="f" * 64, weights="w.h5", decode=Decode(size=224, resize="shorter-center-crop", interpolation="bicubic", draft=False),
+           preprocess="caffe",
         precision="fp32", dataset_kind="folder", dataset_path="/d", dataset_root="/d",
         annotations=None, dataset_items=3, selection_sha256="0" * 64, selection_size=3,
         complete=True,
@@ -206,7 +208,7 @@ def test_fixtures_read_intact_and_the_same_as_in_process(tmp_path: Path) -> None
     keras = write_keras_zip(tmp_path / "m.keras", write_weights_h5(tmp_path / "i.h5").read_bytes())
     stats = write_stats_file(tmp_path / "s.h5")
     for path in (legacy, keras):
-        got, want = read_weights(path), _read_weights(path)  # guarded vs in this process
+        got, want = read_weights(path), adapter_for(path)._read(path)  # guarded vs in process
         assert got.file == want.file
         assert got.arrays.keys() == want.arrays.keys()
         for k, v in want.arrays.items():

@@ -1,4 +1,4 @@
-"""vggnorm.data: decoding images of every kind, finding datasets, ordering and batching them.
+"""vggnorm.runtime.data: decoding images of every kind, finding datasets, ordering and batching them.
 
 All images are generated with Pillow in ``tmp_path``; no Keras needed.
 """
@@ -16,16 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, JpegImagePlugin
 
-from vggnorm.data import (
-    Batch,
-    Decode,
-    ImageSkip,
-    iter_batches,
-    load_image,
-    open_dataset,
-    select,
-)
-from vggnorm.errors import DatasetError
+from vggnorm.core.errors import DatasetError
+from vggnorm.core.inputs import Decode
+from vggnorm.runtime.data import Batch, ImageSkip, iter_batches, load_image, open_dataset, select
 
 SMALL = Decode(size=16)
 
@@ -332,9 +325,10 @@ def test_coco_with_explicit_annotations(tmp_path):
 def test_coco_several_splits(tmp_path):
     write_coco(tmp_path, "val2017", ("a.jpg", "b.jpg"))
     write_coco(tmp_path, "train2017", ("t1.jpg", "t2.jpg", "t3.jpg"))
-    with pytest.raises(DatasetError, match="--split") as info:
+    with pytest.raises(DatasetError, match="several COCO splits") as info:
         open_dataset(tmp_path)
     assert "train2017" in str(info.value) and "val2017" in str(info.value)
+    assert info.value.fix == "split"
     val = open_dataset(tmp_path, split="val2017")
     assert (val.kind, sorted(val.items), val.root) == (
         "coco",

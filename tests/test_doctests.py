@@ -13,7 +13,8 @@ import vggnorm
 # __main__ runs the CLI when imported.
 MODULES = sorted(
     ["vggnorm"]
-    + [f"vggnorm.{m.name}" for m in pkgutil.iter_modules(vggnorm.__path__) if m.name != "__main__"]
+    + [m.name for m in pkgutil.walk_packages(vggnorm.__path__, "vggnorm.")
+       if m.name != "vggnorm.__main__"]
 )
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from vggnorm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, main
-from vggnorm.statsfile import read_stats
+from vggnorm.formats.statsfile import read_stats
 
 pytestmark = pytest.mark.keras
 N_IMAGES = 14

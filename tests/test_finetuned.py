@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggnorm.collect import collect_stats
-from vggnorm.data import Decode
-from vggnorm.errors import ArchitectureError
-from vggnorm.normalize import normalize
-from vggnorm.topology import bind
-from vggnorm.verify import verify
-from vggnorm.weights_io import inspect_weights
+from vggnorm.commands.apply import normalize
+from vggnorm.commands.stats import collect_stats
+from vggnorm.commands.verify import verify
+from vggnorm.core.errors import ArchitectureError
+from vggnorm.core.inputs import Decode
+from vggnorm.core.topology import bind
+from vggnorm.formats.registry import inspect_weights
 
 pytestmark = pytest.mark.keras
 SIZE = 32
@@ -61,7 +61,7 @@ def _save(model: Any, path: Path) -> Path:
 
 
 def _preprocessed(images: Path) -> np.ndarray:
-    from vggnorm.data import load_image
+    from vggnorm.runtime.data import load_image
 
     batch = np.stack([load_image(p, Decode(SIZE)) for p in sorted(images.iterdir())])
     return batch[..., ::-1].astype(np.float32) - np.array([103.939, 116.779, 123.68], np.float32)
@@ -260,8 +260,8 @@ def test_batchnorm_between_conv_and_relu_is_rescaled_exactly(
 def test_report_loss_panel_on_a_conv_batchnorm_relu_model(images: Path, tmp_path: Path) -> None:
     """The loss panel rescales with the architecture's BatchNorm mapping, as apply does: the
     in-memory rescaling and apply's file give the same losses, and the function check holds."""
-    from vggnorm.pipeline import FUNCTION_TOL
-    from vggnorm.report import loss_spread_for
+    from vggnorm.commands.report import loss_spread_for
+    from vggnorm.core.verdicts import FUNCTION_TOL
 
     src = _save(_conv_bn_relu_model(), tmp_path / "m.keras")
     stats = tmp_path / "s.h5"

@@ -28,18 +28,19 @@ import h5py
 import numpy as np
 import pytest
 
-from vggnorm import topology
-from vggnorm.errors import ArchitectureError, StatsError, WeightFileError
-from vggnorm.normalize import normalize, read_scales
-from vggnorm.statsfile import write_stats
-from vggnorm.weights_io import (
-    PROVENANCE_GROUP,
+from vggnorm.commands.apply import normalize
+from vggnorm.core import topology
+from vggnorm.core.errors import ArchitectureError, StatsError, WeightFileError
+from vggnorm.formats._h5 import PROVENANCE_GROUP
+from vggnorm.formats.digest import sha256_file
+from vggnorm.formats.registry import (
     detect_format,
     inspect_weights,
+    read_scales,
     read_weights,
-    sha256_file,
     write_weights,
 )
+from vggnorm.formats.statsfile import write_stats
 
 # Two float32 values that each round the same real number (to nearest) differ by at most
 # 2**-24 * |x| each, so by 2**-23 relative; the float64 arithmetic before the rounding adds ~1e-16.
@@ -255,7 +256,7 @@ def test_stock_vgg16_is_recognised_from_conv_shapes(name, layout_files):
     assert bound.arch.name == "vgg16" and "recognised from conv shapes" in bound.source
     assert list(bound.conv_names) == [e.name for e in wf.layers if e.datasets]
     assert topology.bind(wf, model="vgg16").arch.name == "vgg16"
-    with pytest.raises(ArchitectureError, match="a vgg16, but --model is vgg19"):
+    with pytest.raises(ArchitectureError, match="a vgg16, not the vgg19 asked for"):
         topology.bind(wf, model="vgg19")
 
 
@@ -374,7 +375,7 @@ def test_write_keeps_float64_datasets_and_refuses_another_dtype(tmp_path, out_di
 
 def expected_after(model_arrays: dict[str, np.ndarray], bound, means: dict[str, np.ndarray],
                    dead: float = 1e-8) -> dict[str, np.ndarray]:  # fmt: skip
-    """DESIGN.md section 1, written out independently of vggnorm.rescale, in float64."""
+    """DESIGN.md section 1, written out independently of vggnorm.core.rescale, in float64."""
     out = {k: v.astype(np.float64) for k, v in model_arrays.items()}
     prev = None
     for c in bound.arch.convs:
@@ -756,8 +757,8 @@ def test_bad_json_is_refused(layout_files, src_of, tmp_path):
 )  # fmt: skip
 def test_output_suffix_must_load_like_the_input(name, out_name, layout_files, out_dir):
     ws = read_weights(layout_files(name))
-    with pytest.raises(WeightFileError, match=f"--out {out_name} must end in {CASES[name].suffix} "
-                       f"like --in {CASES[name].filename}"):  # fmt: skip
+    with pytest.raises(WeightFileError, match=f"{out_name} must end in {CASES[name].suffix} "
+                       f"like {CASES[name].filename}"):  # fmt: skip
         write_weights(ws.file, out_dir / out_name, {}, {"tool": "vggnorm"})
     write_weights(ws.file, out_dir / f"ok{CASES[name].suffix}", {}, {"tool": "vggnorm"})
     assert os.listdir(out_dir) == [f"ok{CASES[name].suffix}"]
@@ -776,8 +777,9 @@ def test_output_exists_without_force(layout_files, tmp_path, out_dir):
     write_stats(stats, checks.make_record(ws, topology.bind(ws.file)))
     dst = out_dir / "out.h5"
     dst.write_bytes(b"precious")
-    with pytest.raises(WeightFileError, match=f"{dst} already exists; pass --force"):
+    with pytest.raises(WeightFileError, match=f"{dst} already exists") as info:
         normalize(src, dst, stats)
+    assert info.value.fix == "force"
     assert dst.read_bytes() == b"precious" and os.listdir(out_dir) == ["out.h5"]
     normalize(src, dst, stats, force=True)
     assert inspect_weights(dst).provenance is not None and os.listdir(out_dir) == ["out.h5"]
@@ -806,7 +808,7 @@ def test_refuses_stats_of_another_model(layout_files, tmp_path, out_dir):
     ws = read_weights(src)
     record = checks.make_record(ws, topology.bind(ws.file))
     other = record.with_meta(fingerprint="f" * 64, weights="/elsewhere/other.h5")
-    pattern = re.escape(f"--in {src} is not the model the stats were gathered on (conv weights "
+    pattern = re.escape(f"{src} is not the model the stats were gathered on (conv weights "
                         "fingerprint ") + "[0-9a-f]{12}" + re.escape(
                         " vs ffffffffffff from /elsewhere/other.h5)")  # fmt: skip
     with pytest.raises(StatsError, match=pattern):
@@ -831,10 +833,9 @@ def test_refuses_unfinished_stats(layout_files, tmp_path, out_dir):
     record = checks.make_record(ws, topology.bind(ws.file)).with_meta(complete=False, position=4)
     stats = tmp_path / "stats.h5"
     write_stats(stats, record)
-    with pytest.raises(StatsError, match="the stats file is from an unfinished run; finish it with "
-                       "`vggnorm stats --resume`") as info:  # fmt: skip
+    with pytest.raises(StatsError, match="the stats file is from an unfinished run") as info:  # fmt: skip
         normalize(src, out_dir / "out.keras", stats)
-    assert str(stats) in str(info.value)
+    assert str(stats) in str(info.value) and info.value.fix == "resume"
     with pytest.raises(StatsError, match="unfinished run"):
         normalize(src, out_dir / "out.keras", record)
     assert os.listdir(out_dir) == []

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggnorm import atomic
 from vggnorm.cli import EXIT_ERROR, EXIT_OK, main
-from vggnorm.statsfile import read_stats
+from vggnorm.formats import outputs as atomic
+from vggnorm.formats.statsfile import read_stats
 
 pytestmark = pytest.mark.keras
 
@@ -67,7 +67,7 @@ def test_a_second_run_on_the_same_out_is_refused_even_with_force(
         """
         import sys, time
         from pathlib import Path
-        from vggnorm.atomic import output_lock
+        from vggnorm.formats.outputs import output_lock
         with output_lock(Path(sys.argv[1]), "vggnorm stats --data coco/ (slow job)"):
             print("held", flush=True)
             time.sleep(60)
@@ -94,7 +94,7 @@ def test_a_full_output_file_system_fails_before_the_first_image(
     setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    from vggnorm.model import FeatureNet
+    from vggnorm.runtime.network import FeatureNet
 
     calls = []
     monkeypatch.setattr(FeatureNet, "moments", lambda self, images: calls.append(1))
@@ -123,13 +123,14 @@ def test_temporary_files_of_a_killed_run_are_cleaned_by_the_next(
 def test_full_decode_is_the_default_and_draft_an_opt_in(
     setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from vggnorm.data import Decode, load_image
+    from vggnorm.core.inputs import Decode
+    from vggnorm.runtime.data import load_image
 
     data, _ = setup
     assert main(_argv(setup, tmp_path / "full.h5")) == EXIT_OK
     assert main(_argv(setup, tmp_path / "draft.h5", "--draft")) == EXIT_OK
     full, draft = read_stats(tmp_path / "full.h5"), read_stats(tmp_path / "draft.h5")
-    assert (full.meta.draft, draft.meta.draft) == (False, True)
+    assert (full.meta.decode.draft, draft.meta.decode.draft) == (False, True)
     # the default decode is the plain PIL one: no DCT-domain shortcut
     path = data / "0.jpg"
     with Image.open(path) as im:

@@ -11,9 +11,9 @@ from pathlib import Path
 import h5_checks as checks
 import h5_layouts as hl
 
-from vggnorm import topology
-from vggnorm.statsfile import write_stats
-from vggnorm.weights_io import read_weights
+from vggnorm.core import topology
+from vggnorm.formats.registry import read_weights
+from vggnorm.formats.statsfile import write_stats
 
 CHECK = "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules, sorted(sys.modules)"
 
@@ -26,7 +26,7 @@ def _run(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_importing_the_apply_path_loads_no_framework(tmp_path):
-    modules = "vggnorm, vggnorm.normalize, vggnorm.cli, vggnorm.weights_io, vggnorm.keras_config"
+    modules = "vggnorm, vggnorm.commands.apply, vggnorm.cli, vggnorm.formats.keras_h5, vggnorm.core.keras_config"
     proc = _run(f"import sys, {modules}\n{CHECK}\n", tmp_path)
     assert proc.returncode == 0, proc.stderr
 

@@ -17,17 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vggnorm import atomic
-from vggnorm.atomic import atomic_path, check_output, check_writable, output_lock
-from vggnorm.errors import OutputError, StatsError, WeightFileError
-from vggnorm.stats import LayerStats
-from vggnorm.statsfile import StatsMeta, StatsRecord, read_stats, validate, write_stats
+from vggnorm.core.errors import OutputError, StatsError, WeightFileError
+from vggnorm.core.inputs import Decode
+from vggnorm.core.stats import LayerStats
+from vggnorm.core.statsrecord import StatsMeta, StatsRecord, validate
+from vggnorm.formats import outputs as atomic
+from vggnorm.formats.outputs import atomic_path, check_output, check_writable, output_lock
+from vggnorm.formats.statsfile import read_stats, write_stats
 
 HOLD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from vggnorm.atomic import output_lock
+    from vggnorm.formats.outputs import output_lock
     with output_lock(Path(sys.argv[1]), "vggnorm stats --out held.h5"):
         print("held", flush=True)
         time.sleep(60)
@@ -137,8 +139,9 @@ def test_check_output_rules(tmp_path: Path) -> None:
     src.write_bytes(b"x")
     with pytest.raises(OutputError, match="is the input file"):
         check_output(src, force=True, inputs=[src])
-    with pytest.raises(OutputError, match="already exists; pass --force"):
+    with pytest.raises(OutputError, match="already exists") as info:
         check_output(src)
+    assert info.value.fix == "force"
     check_output(src, force=True)  # allowed, nothing written
     with pytest.raises(OutputError, match="output directory does not exist"):
         check_output(tmp_path / "missing" / "o.h5")
@@ -149,8 +152,8 @@ def test_check_output_rules(tmp_path: Path) -> None:
 # Damaged stats files
 
 META = StatsMeta(
-    model="vgg16", fingerprint="f" * 64, weights="/w.h5", size=32, resize="crop",
-    interpolation="bilinear", draft=False, preprocess="caffe", precision="fp32",
+    model="vgg16", fingerprint="f" * 64, weights="/w.h5", decode=Decode(size=32, resize="crop", interpolation="bilinear", draft=False),
+      preprocess="caffe", precision="fp32",
     dataset_kind="folder", dataset_path="/d", dataset_root="/d", annotations=None,
     dataset_items=3, selection_sha256="0" * 64, selection_size=3, position=3, complete=True,
 )  # fmt: skip

@@ -15,10 +15,12 @@ import pytest
 from photos import write_photos
 
 from vggnorm.cli import EXIT_OK, main
-from vggnorm.collect import collect_stats
-from vggnorm.data import Decode, open_dataset
-from vggnorm.errors import DatasetError
-from vggnorm.statsfile import StatsRecord, read_stats
+from vggnorm.commands.stats import collect_stats
+from vggnorm.core.errors import DatasetError
+from vggnorm.core.inputs import Decode
+from vggnorm.core.statsrecord import StatsRecord
+from vggnorm.formats.statsfile import read_stats
+from vggnorm.runtime.data import open_dataset
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.keras]
@@ -45,7 +47,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, StatsRe
 
 
 def _engine(workers: int, **kw: object) -> object:
-    from vggnorm.ray_engine import RayEngine
+    from vggnorm.runtime.ray_engine import RayEngine
 
     return RayEngine(workers=workers, cpus_per_worker=1, block_batches=2, **kw)  # type: ignore[arg-type]
 
@@ -91,9 +93,9 @@ def test_a_worker_killed_mid_run_changes_nothing(cluster: object, setup: tuple) 
 def test_verify_remeasures_on_the_cluster_with_the_same_result(
     cluster: object, setup: tuple, tmp_path: Path
 ) -> None:
-    from vggnorm.normalize import normalize
-    from vggnorm.statsfile import write_stats
-    from vggnorm.verify import verify
+    from vggnorm.commands.apply import normalize
+    from vggnorm.commands.verify import verify
+    from vggnorm.formats.statsfile import write_stats
 
     _, weights, reference = setup
     stats, out = tmp_path / "s.h5", tmp_path / "n.h5"

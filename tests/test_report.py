@@ -14,20 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vggnorm.pipeline import FUNCTION_TOL
-from vggnorm.report import (
-    NEAR_DEAD_FRACTION,
+from vggnorm.commands.report import write_report
+from vggnorm.core.losses import (
     content_loss,
     gram,
-    layer_summary,
     loss_magnitudes,
     spread,
     spread_table,
     style_loss,
-    write_report,
 )
-from vggnorm.stats import LayerStats
-from vggnorm.statsfile import StatsMeta, StatsRecord
+from vggnorm.core.stats import LayerStats
+from vggnorm.core.statsrecord import NEAR_DEAD_FRACTION, StatsMeta, StatsRecord, layer_summary
+from vggnorm.core.verdicts import FUNCTION_TOL
 
 SIZE = 32
 U64 = 2.0**-53  # one float64 rounding, relative
@@ -55,7 +53,7 @@ def _meta(**changes: Any) -> StatsMeta:
         "complete": True,
     }
     fields.update(changes)
-    return StatsMeta(**fields)
+    return StatsMeta.from_dict(fields)
 
 
 def _record(per_layer_means: dict[str, list[float]]) -> StatsRecord:
@@ -166,7 +164,7 @@ def test_layer_summary_counts_dead_and_near_dead_filters() -> None:
 def test_write_report_without_style(tmp_path: Path) -> None:
     record = _record({"block1_conv1": [0.5, 2.0, 30.0], "block1_conv2": [0.0, 1e-4, 5.0, 7.0]})
     png, js = tmp_path / "r.png", tmp_path / "r.json"
-    summary = write_report(record, png, js)
+    summary = write_report(record, png, js).to_dict()
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     data = json.loads(js.read_text())
     assert data == summary
@@ -210,12 +208,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from keras_files import save_downloaded_layout, tiny_vgg
     from photos import write_photos
 
-    from vggnorm.collect import collect_stats
-    from vggnorm.data import Decode, load_image
-    from vggnorm.normalize import normalize, scales_for
-    from vggnorm.report import style_content_spread
-    from vggnorm.topology import bind
-    from vggnorm.weights_io import read_weights
+    from vggnorm.commands.apply import normalize
+    from vggnorm.commands.report import style_content_spread
+    from vggnorm.commands.stats import collect_stats
+    from vggnorm.core.inputs import Decode
+    from vggnorm.core.scaling import scales_for
+    from vggnorm.core.topology import bind
+    from vggnorm.formats.registry import read_weights
+    from vggnorm.runtime.data import load_image
 
     root = tmp_path_factory.mktemp("report")
     write_photos(root / "images", [f"img{i}.png" for i in range(6)])
@@ -265,7 +265,7 @@ def _loss_bounds(fa: np.ndarray, fb: np.ndarray, e: np.ndarray) -> tuple[float, 
 
 @pytest.mark.keras
 def test_style_content_spread_on_tiny_vgg16(tiny: dict[str, Any]) -> None:
-    from vggnorm.model import FeatureNet
+    from vggnorm.runtime.network import FeatureNet
 
     arch, scales, result = tiny["arch"], tiny["scales"], tiny["style"]
     names = list(arch.conv_names)
@@ -293,8 +293,8 @@ def test_style_content_spread_on_tiny_vgg16(tiny: dict[str, Any]) -> None:
 
 @pytest.mark.keras
 def test_style_content_spread_checks_the_weights_belong_together(tiny: dict[str, Any]) -> None:
-    from vggnorm.errors import VerificationError
-    from vggnorm.report import style_content_spread
+    from vggnorm.commands.report import style_content_spread
+    from vggnorm.core.errors import VerificationError
 
     # Without norm_arrays the same normalization is computed from the scales.
     again = style_content_spread(tiny["arch"], tiny["arrays"], None, tiny["scales"], tiny["pair"])
@@ -311,7 +311,7 @@ def test_style_content_spread_checks_the_weights_belong_together(tiny: dict[str,
 
 @pytest.mark.keras
 def test_report_of_tiny_vgg16(tiny: dict[str, Any], tmp_path: Path) -> None:
-    from vggnorm.report import summary_text
+    from vggnorm.commands.report import summary_text
 
     style = tiny["style"]
     png, js = tmp_path / "report.png", tmp_path / "report.json"

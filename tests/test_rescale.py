@@ -1,4 +1,4 @@
-"""vggnorm.rescale against a pure-numpy reference ReLU conv stack (DESIGN.md section 1)."""
+"""vggnorm.core.rescale against a pure-numpy reference ReLU conv stack (DESIGN.md section 1)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vggnorm.rescale
-from vggnorm.rescale import DEAD_THRESHOLD, Scales, compute_scales, rescale
-from vggnorm.stats import LayerStats
+import vggnorm.core.rescale
+from vggnorm.core.rescale import DEAD_THRESHOLD, Scales, compute_scales, rescale
+from vggnorm.core.stats import LayerStats
 
 # No example database: tests write nothing into the working directory.
 PROPERTY = settings(database=None, deadline=None, max_examples=60)
@@ -354,7 +354,7 @@ def test_scales_are_finite_positive_and_the_mean_where_live(means, threshold):
 
 
 def test_doctests_pass():
-    result = doctest.testmod(vggnorm.rescale, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(vggnorm.core.rescale, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 4
     assert result.failed == 0
 

@@ -1,4 +1,4 @@
-"""vggnorm.stats: streaming per-filter sums are exact whatever the batching (DESIGN.md section 1)."""
+"""vggnorm.core.stats: streaming per-filter sums are exact whatever the batching (DESIGN.md section 1)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from vggnorm.stats import LayerStats, accumulate, empty_stats, means, merge_stats
+from vggnorm.core.stats import LayerStats, accumulate, empty_stats, means, merge_stats
 
 PROPERTY = settings(database=None, deadline=None, max_examples=100)
 REPO = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def test_stats_of_float32_activations_are_summed_in_float64():
 
 def test_the_math_imports_no_framework_and_no_hdf5():
     code = (
-        "import sys, vggnorm.stats, vggnorm.rescale; "
+        "import sys, vggnorm.core.stats, vggnorm.core.rescale; "
         "print(sorted(m for m in ('keras', 'tensorflow', 'h5py', 'torch', 'jax') if m in sys.modules))"
     )
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""vggnorm.statsfile: exact round trips, clear refusals, atomic writes (DESIGN.md section 4)."""
+"""vggnorm.formats.statsfile: exact round trips, clear refusals, atomic writes (DESIGN.md section 4)."""
 
 from __future__ import annotations
 
@@ -14,26 +14,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import vggnorm.atomic
-from vggnorm.errors import StatsError, VggnormError
-from vggnorm.stats import LayerStats
-from vggnorm.statsfile import (
-    FORMAT_VERSION,
-    StatsMeta,
-    StatsRecord,
-    _read_stats,
-    read_stats,
-    write_stats,
-)
+import vggnorm.formats.outputs
+from vggnorm.core.errors import StatsError, VggnormError
+from vggnorm.core.inputs import Decode
+from vggnorm.core.stats import LayerStats
+from vggnorm.core.statsrecord import StatsMeta, StatsRecord
+from vggnorm.formats.statsfile import FORMAT_VERSION, _read_stats, read_stats, write_stats
 
 META = StatsMeta(
     model="vgg19",
     fingerprint="f" * 64,
     weights="/models/vgg19 ü.h5",
-    size=224,
-    resize="shorter-center-crop",
-    interpolation="bicubic",
-    draft=True,
+    decode=Decode(size=224, resize="shorter-center-crop", interpolation="bicubic", draft=True),
+
+
+
     preprocess="caffe",
     precision="fp32",
     dataset_kind="coco",
@@ -262,7 +257,7 @@ def _enospc(*args, **kwargs):
 @pytest.mark.parametrize("where", ["replace", "h5py"])
 def test_a_failed_write_leaves_no_file_and_no_temp(tmp_path, monkeypatch, where):
     if where == "replace":
-        monkeypatch.setattr(vggnorm.atomic.os, "replace", _enospc)
+        monkeypatch.setattr(vggnorm.formats.outputs.os, "replace", _enospc)
     else:
         monkeypatch.setattr(h5py, "File", _enospc)
     target = tmp_path / "stats.h5"
@@ -282,7 +277,7 @@ def test_an_existing_stats_file_survives_a_failed_rewrite(tmp_path, monkeypatch,
     write_stats(target, first)
     before = target.read_bytes()
     if where == "replace":
-        monkeypatch.setattr(vggnorm.atomic.os, "replace", _enospc)
+        monkeypatch.setattr(vggnorm.formats.outputs.os, "replace", _enospc)
     else:
         monkeypatch.setattr(h5py, "File", _enospc)
     with pytest.raises(StatsError):

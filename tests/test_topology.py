@@ -1,4 +1,4 @@
-"""vggnorm.topology: recognising stock VGG16/VGG19 from weight shapes alone, and fingerprints."""
+"""vggnorm.core.topology: recognising stock VGG16/VGG19 from weight shapes alone, and fingerprints."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vggnorm.archs import ARCHS, ConvSpec
-from vggnorm.errors import ArchitectureError, VggnormError
-from vggnorm.topology import bind, detect_stock, fingerprint
-from vggnorm.weights_io import LayerEntry, WeightFile
+from vggnorm.core.archs import ARCHS, ConvSpec
+from vggnorm.core.errors import ArchitectureError, VggnormError
+from vggnorm.core.topology import bind, detect_stock, fingerprint
+from vggnorm.core.weightset import LayerEntry, WeightFile
 
 PATH = Path("/models/tuned.weights.h5")
 
@@ -151,7 +151,7 @@ def test_the_wrong_model_argument_raises(actual, claimed):
     assert isinstance(info.value, VggnormError)
     assert str(PATH) in message
     assert f"a {actual}" in message
-    assert f"--model is {claimed}" in message
+    assert f"not the {claimed} asked for" in message
     assert bind(wf, model=actual).arch.name == actual
 
 

@@ -5,7 +5,7 @@ Tolerances: two float32 implementations of the same network (Keras and torch, or
 an original one) sum each conv's dot products (up to 4608 terms) in different orders, so their
 activations differ by ~sqrt(K) * 2^-24 of the layer's scale per layer, compounding over at most
 16 layers: below 1e-5 of each layer's largest activation. The checks use verify's bound, 1e-4 of
-that scale (``vggnorm.pipeline.FUNCTION_TOL``), and means are judged as verify judges them.
+that scale (``vggnorm.commands._common.FUNCTION_TOL``), and means are judged as verify judges them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import pytest
 from PIL import Image
 
 from vggnorm.cli import EXIT_OK, EXIT_VERIFY, main
-from vggnorm.data import Decode, load_image
-from vggnorm.pipeline import FUNCTION_TOL
-from vggnorm.statsfile import read_stats
+from vggnorm.core.inputs import Decode
+from vggnorm.core.verdicts import FUNCTION_TOL
+from vggnorm.formats.statsfile import read_stats
+from vggnorm.runtime.data import load_image
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
@@ -84,8 +85,8 @@ def test_stats_apply_verify_compare_against_the_stock_module(
     layout: str, arch: str, suffix: str, images: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    from vggnorm.model import FeatureNet
-    from vggnorm.pipeline import load
+    from vggnorm.formats.registry import load
+    from vggnorm.runtime.network import FeatureNet
 
     monkeypatch.chdir(tmp_path)
     module = build(layout, arch)
@@ -146,8 +147,8 @@ def test_keras_export_to_each_layout(tmp_path: Path, images: Path) -> None:
     import keras
     from keras_files import save_downloaded_layout, tiny_vgg
 
-    from vggnorm.torch_io import read_torch_weights
-    from vggnorm.weights_io import read_weights
+    from vggnorm.formats.registry import read_weights
+    from vggnorm.formats.registry import read_weights as read_torch_weights
 
     model = tiny_vgg(arch="vgg19", size=SIZE)
     src = save_downloaded_layout(model, tmp_path / "vgg19.h5")

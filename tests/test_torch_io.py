@@ -17,17 +17,13 @@ st_torch = pytest.importorskip("safetensors.torch")
 
 import torch_vgg  # noqa: E402  (needs torch)
 
-from vggnorm.compare import compare_weights  # noqa: E402
-from vggnorm.errors import WeightFileError  # noqa: E402
-from vggnorm.rescale import compute_scales, rescale  # noqa: E402
-from vggnorm.torch_io import (  # noqa: E402
-    SIDECAR_SUFFIX,
-    _f32_to_bf16,
-    read_provenance,
-    read_torch,
-    write_torch,
-)
-from vggnorm.torch_layouts import compensate_head  # noqa: E402
+from vggnorm.core.compare import compare_weights  # noqa: E402
+from vggnorm.core.errors import WeightFileError  # noqa: E402
+from vggnorm.core.rescale import compute_scales, rescale  # noqa: E402
+from vggnorm.core.torch_layouts import compensate_head  # noqa: E402
+from vggnorm.formats._torch import f32_to_bf16 as _f32_to_bf16  # noqa: E402
+from vggnorm.formats.pth import SIDECAR_SUFFIX  # noqa: E402
+from vggnorm.formats.torch_files import read_provenance, read_torch, write_torch  # noqa: E402
 
 CASES = [("torchvision", "vgg16"), ("gatys", "vgg16"), ("adain", "vgg19")]
 SUFFIXES = [".pth", ".safetensors"]
@@ -268,7 +264,7 @@ def test_provenance(
         torch.save(load(tmp_path / "in.pth"), out)
         with pytest.raises(WeightFileError, match="changed after vggnorm wrote them"):
             read_provenance(out)
-        with caplog.at_level(logging.WARNING, logger="vggnorm.torch_io"):
+        with caplog.at_level(logging.WARNING, logger="vggnorm.formats.torch_files"):
             assert read_torch(out).metadata == {}
         assert "ignoring provenance" in caplog.text
 

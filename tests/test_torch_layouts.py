@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vggnorm.archs import ARCHS
-from vggnorm.errors import ArchitectureError, WeightFileError
-from vggnorm.rescale import compute_scales, rescale
-from vggnorm.torch_layouts import (
+from vggnorm.core.archs import ARCHS
+from vggnorm.core.errors import ArchitectureError, WeightFileError
+from vggnorm.core.rescale import compute_scales, rescale
+from vggnorm.core.torch_layouts import (
     LAYOUTS,
     compensate_head,
     conv_key_map,
@@ -191,7 +191,7 @@ def test_round_trip_is_bit_exact_and_leaves_the_input_alone(
 
 
 def test_adain_fixed_conv_passes_through_or_is_the_published_one() -> None:
-    from vggnorm.torch_layouts import ADAIN_INPUT_CONV
+    from vggnorm.core.torch_layouts import ADAIN_INPUT_CONV
 
     state = random_state(state_shapes("adain", "vgg19"))
     canonical = to_canonical(state, "adain", "vgg19")
@@ -275,7 +275,7 @@ def test_compensate_head_after_rescale_is_exact_in_chw() -> None:
 
 def test_pure_modules_import_no_framework() -> None:
     code = (
-        "import sys, vggnorm.torch_layouts, vggnorm.compare; "
+        "import sys, vggnorm.core.torch_layouts, vggnorm.core.compare; "
         "bad = {'torch', 'keras', 'tensorflow', 'safetensors'} & set(sys.modules); "
         "sys.exit(1 if bad else 0)"
     )

@@ -1,4 +1,4 @@
-"""vggnorm.weights_io on every Keras weight layout, and vggnorm.normalize end to end.
+"""vggnorm.formats.keras_h5 on every Keras weight layout, and vggnorm.commands.apply end to end.
 
 Every layout is written by the helpers in ``keras_files.py`` from tiny (32x32) VGG models built
 once per module. The writer must change only the datasets it is given, copy everything else
@@ -19,19 +19,22 @@ import h5py
 import numpy as np
 import pytest
 
-from vggnorm import topology
-from vggnorm.errors import StatsError, VggnormError, WeightFileError
-from vggnorm.normalize import normalize, read_scales
-from vggnorm.stats import LayerStats
-from vggnorm.statsfile import StatsMeta, StatsRecord, write_stats
-from vggnorm.weights_io import (
-    PROVENANCE_GROUP,
+from vggnorm.commands.apply import normalize
+from vggnorm.core import topology
+from vggnorm.core.errors import StatsError, VggnormError, WeightFileError
+from vggnorm.core.inputs import Decode
+from vggnorm.core.stats import LayerStats
+from vggnorm.core.statsrecord import StatsMeta, StatsRecord
+from vggnorm.formats._h5 import PROVENANCE_GROUP
+from vggnorm.formats.digest import sha256_file
+from vggnorm.formats.registry import (
     detect_format,
     inspect_weights,
+    read_scales,
     read_weights,
-    sha256_file,
     write_weights,
 )
+from vggnorm.formats.statsfile import write_stats
 
 SIZE = 32
 SHAPE = (SIZE, SIZE, 3)
@@ -443,10 +446,10 @@ def make_record(ws, bound, *, seed=0) -> StatsRecord:
         model=bound.arch.name,
         fingerprint=topology.fingerprint(ws.arrays, bound.conv_names),
         weights=str(ws.file.path),
-        size=SIZE,
-        resize="crop",
-        interpolation="bilinear",
-        draft=True,
+        decode=Decode(size=SIZE, resize="crop", interpolation="bilinear", draft=True),
+
+
+
         preprocess="caffe",
         precision="fp32",
         dataset_kind="folder",

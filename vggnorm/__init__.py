@@ -5,6 +5,9 @@ The rescaling is exact: ReLU is positively homogeneous and pooling commutes with
 per-channel scale, so dividing a filter by its mean and multiplying the next layer's matching
 input channel by it leaves the network's function unchanged.
 
+The package is layered (docs/architecture.md): ``core`` (pure numpy), ``formats`` (files),
+``runtime`` (images, the network, engines), ``commands`` (one module per CLI command), ``cli``.
+
 Example:
     >>> import vggnorm  # doctest: +SKIP
     >>> record = vggnorm.collect_stats("vgg16.h5", "coco/", out="vggnorm-stats.h5")  # doctest: +SKIP
@@ -15,50 +18,56 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING, Any
 
-# Public names and the private module that defines each. Imported on first use, so that
-# `import vggnorm.stats` stays numpy-only and `vggnorm --help` starts instantly.
+from ._version import __version__ as __version__
+
+# Public names and the module that defines each. Imported on first use, so that
+# `import vggnorm.core.stats` stays numpy-only and `vggnorm --help` starts instantly.
 _EXPORTS = {
-    "collect_stats": "collect",
-    "normalize": "normalize",
-    "verify": "verify",
-    "compare_files": "compare",
-    "compute_scales": "rescale",
-    "export": "export",
-    "rescale": "rescale",
-    "read_stats": "statsfile",
-    "write_stats": "statsfile",
-    "read_weights": "weights_io",
-    "write_weights": "weights_io",
-    "ArchitectureError": "errors",
-    "DatasetError": "errors",
-    "StatsError": "errors",
-    "VerificationError": "errors",
-    "VggnormError": "errors",
-    "WeightFileError": "errors",
+    "collect_stats": "commands.stats",
+    "StatsOptions": "commands.stats",
+    "normalize": "commands.apply",
+    "verify": "commands.verify",
+    "compare_files": "commands.compare",
+    "export": "commands.export",
+    "merge_files": "commands.merge",
+    "compute_scales": "core.rescale",
+    "rescale": "core.rescale",
+    "StatsRecord": "core.statsrecord",
+    "read_stats": "formats.statsfile",
+    "write_stats": "formats.statsfile",
+    "read_weights": "formats.registry",
+    "write_weights": "formats.registry",
+    "ArchitectureError": "core.errors",
+    "DatasetError": "core.errors",
+    "StatsError": "core.errors",
+    "VerificationError": "core.errors",
+    "VggnormError": "core.errors",
+    "WeightFileError": "core.errors",
 }
 
 if TYPE_CHECKING:
-    from .collect import collect_stats as collect_stats
-    from .compare import compare_files as compare_files
-    from .errors import ArchitectureError as ArchitectureError
-    from .errors import DatasetError as DatasetError
-    from .errors import StatsError as StatsError
-    from .errors import VerificationError as VerificationError
-    from .errors import VggnormError as VggnormError
-    from .errors import WeightFileError as WeightFileError
-    from .export import export as export
-    from .normalize import normalize as normalize
-    from .rescale import compute_scales as compute_scales
-    from .rescale import rescale as rescale
-    from .statsfile import read_stats as read_stats
-    from .statsfile import write_stats as write_stats
-    from .verify import verify as verify
-    from .weights_io import read_weights as read_weights
-    from .weights_io import write_weights as write_weights
+    from .commands.apply import normalize as normalize
+    from .commands.compare import compare_files as compare_files
+    from .commands.export import export as export
+    from .commands.merge import merge_files as merge_files
+    from .commands.stats import StatsOptions as StatsOptions
+    from .commands.stats import collect_stats as collect_stats
+    from .commands.verify import verify as verify
+    from .core.errors import ArchitectureError as ArchitectureError
+    from .core.errors import DatasetError as DatasetError
+    from .core.errors import StatsError as StatsError
+    from .core.errors import VerificationError as VerificationError
+    from .core.errors import VggnormError as VggnormError
+    from .core.errors import WeightFileError as WeightFileError
+    from .core.rescale import compute_scales as compute_scales
+    from .core.rescale import rescale as rescale
+    from .core.statsrecord import StatsRecord as StatsRecord
+    from .formats.registry import read_weights as read_weights
+    from .formats.registry import write_weights as write_weights
+    from .formats.statsfile import read_stats as read_stats
+    from .formats.statsfile import write_stats as write_stats
 
 
 def __getattr__(name: str) -> Any:
@@ -71,23 +80,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vggnorm' has no attribute {name!r}")
 
 
-__all__ = [
-    "ArchitectureError",
-    "DatasetError",
-    "StatsError",
-    "VerificationError",
-    "VggnormError",
-    "WeightFileError",
-    "__version__",
-    "collect_stats",
-    "compare_files",
-    "compute_scales",
-    "export",
-    "normalize",
-    "read_stats",
-    "read_weights",
-    "rescale",
-    "verify",
-    "write_stats",
-    "write_weights",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import Interrupted, VggnormError
-from .statsfile import DEFAULT_STATS
+from ._version import __version__
+from .core.errors import Interrupted, VggnormError
+from .formats.statsfile import DEFAULT_STATS
 
 LAST_APPLY = Path(".vggnorm") / "last-apply.json"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -77,6 +77,8 @@ def _flag_parents() -> dict[str, argparse.ArgumentParser]:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only errors")
     force = parent()
     force.add_argument("--force", action="store_true", help="overwrite an existing output")
+    as_json = parent()
+    as_json.add_argument("--json", action="store_true", help="print the result as JSON")
     stats = parent()
     stats.add_argument(
         "--stats",
@@ -90,7 +92,29 @@ def _flag_parents() -> dict[str, argparse.ArgumentParser]:
         choices=["vgg16", "vgg19"],
         help="vgg16 or vgg19, only needed if the weight file cannot tell",
     )
-    ray = parent()
+    ray = _ray_parent()
+    batch = parent()
+    batch.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=_default_workers(),
+        metavar="N",
+        help=f"image decoding threads (default: the cores available, {_default_workers()})",
+    )
+    batch.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="images per forward pass (default 16)",
+    )
+    return {"common": common, "force": force, "json": as_json, "stats": stats, "model": model,
+            "ray": ray, "batch": batch}  # fmt: skip
+
+
+def _ray_parent() -> argparse.ArgumentParser:
+    """``--ray`` and how many workers it starts."""
+    ray = argparse.ArgumentParser(add_help=False)
     ray.add_argument(
         "--ray",
         nargs="?",
@@ -115,23 +139,7 @@ def _flag_parents() -> dict[str, argparse.ArgumentParser]:
         metavar="K",
         help="CPUs per worker for decoding and, without GPUs, the forward pass (default 2)",
     )
-    batch = parent()
-    batch.add_argument(
-        "--workers",
-        type=_positive_int,
-        default=_default_workers(),
-        metavar="N",
-        help=f"image decoding threads (default: the cores available, {_default_workers()})",
-    )
-    batch.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=16,
-        metavar="N",
-        help="images per forward pass (default 16)",
-    )
-    return {"common": common, "force": force, "stats": stats, "model": model, "ray": ray,
-            "batch": batch}  # fmt: skip
+    return ray
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(
         name: str, parents: list[str], help: str, description: str
     ) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[f["common"], *(f[p] for p in parents)],
-                              formatter_class=fmt, help=help, description=description)  # fmt: skip
+        p = sub.add_parser(name, parents=[f["common"], f["json"], *(f[p] for p in parents)],
+                           formatter_class=fmt, help=help, description=description)  # fmt: skip
+        p.set_defaults(run=_RUNNERS[name])
+        return p
 
     for add in (
         _add_stats,
@@ -302,7 +312,6 @@ def _add_apply(command: Any) -> None:
         required=True,
         help="file to write; same format as --in",
     )
-    p.add_argument("--json", action="store_true", help="print the provenance as JSON")
 
 
 def _add_verify(command: Any) -> None:
@@ -335,7 +344,6 @@ def _add_verify(command: Any) -> None:
         metavar="N",
         help="images for the activation-by-activation comparison (default 8)",
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
         "--plot", metavar="PNG", help="also draw the per-layer table as a figure (needs matplotlib)"
     )
@@ -466,7 +474,6 @@ def _add_compare(command: Any) -> None:
     p.add_argument("original", metavar="ORIGINAL", help="the reference weight file")
     p.add_argument("other", metavar="OTHER", help="the file that claims to be a rescaling of it")
     p.add_argument("--stats", metavar="PATH", help="stats file gathered on ORIGINAL")
-    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
 @dataclass(frozen=True)
@@ -502,45 +509,58 @@ def _say(args: argparse.Namespace, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
+def _show(args: argparse.Namespace, result: Any, *, stdout: bool = False) -> None:
+    """A command's result: its JSON (``--json``) on stdout, else its summary lines (on stdout for
+    reports people pipe, on stderr for progress-like messages)."""
+    if getattr(args, "json", False):
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    elif stdout:
+        print("\n".join(result.summary()))
+    else:
+        for line in result.summary():
+            _say(args, line)
+
+
 def _engine(args: argparse.Namespace) -> Any:
     """The Ray engine when ``--ray`` is given, else None (run here)."""
     if getattr(args, "ray", None) is None:
         return None
-    from .ray_engine import RayEngine
+    from .runtime.ray_engine import RayEngine
 
     address = None if args.ray == "local" else args.ray
     return RayEngine(address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
                      batch_size=args.batch_size, report=lambda line: _say(args, line))  # fmt: skip
 
 
-def _cmd_stats(args: argparse.Namespace) -> int:
-    from .collect import collect_stats, summary_lines
-    from .data import Decode, open_dataset
+def _run_stats(args: argparse.Namespace) -> int:
+    from .commands.stats import StatsOptions, collect_stats
+    from .core.inputs import Decode
+    from .runtime.data import open_dataset
 
     ds = open_dataset(args.data, annotations=args.annotations, split=args.split)
     _say(args, f"found {ds.describe()}")
-    engine = _engine(args)
+    options = StatsOptions(
+        model=args.model, decode=Decode(args.size, args.resize, "bilinear", args.draft),
+        preprocess=args.preprocess, padding=args.padding, precision=args.precision,
+        batch_size=args.batch_size, limit=args.limit, shard=args.shard, workers=args.workers,
+        checkpoint_seconds=args.checkpoint_every, resume=args.resume, force=args.force,
+        strict=args.strict,
+    )  # fmt: skip
     with _progress(args.quiet, "stats") as bar:
-        record = collect_stats(
-            args.weights, ds, model=args.model,
-            decode=Decode(args.size, args.resize, "bilinear", args.draft),
-            preprocess=args.preprocess, padding=args.padding, precision=args.precision,
-            batch_size=args.batch_size,
-            limit=args.limit, shard=args.shard, workers=args.workers, out=Path(args.out),
-            checkpoint_seconds=args.checkpoint_every, resume=args.resume, force=args.force,
-            strict=args.strict, progress=bar, engine=engine,
-        )  # fmt: skip
-    skips = record.skip_counts()
-    skipped = ", ".join(f"{n} {r}" for r, n in sorted(skips.items())) or "none"
-    _say(args, f"{record.meta.model}: {record.n_images} images counted, skipped: {skipped}")
-    if not args.quiet:
-        print("\n".join(summary_lines(record)))
+        record = collect_stats(args.weights, ds, options, out=Path(args.out), progress=bar,
+                               engine=_engine(args))  # fmt: skip
+    if args.json:
+        _show(args, record)
+    elif not args.quiet:
+        lines = record.summary()
+        print(lines[0], file=sys.stderr)
+        print("\n".join(lines[1:]))
     _say(args, f"statistics in {args.out}")
     return EXIT_OK
 
 
-def _cmd_apply(args: argparse.Namespace) -> int:
-    from .normalize import normalize
+def _run_apply(args: argparse.Namespace) -> int:
+    from .commands.apply import normalize
 
     result = normalize(args.src, args.dst, args.stats, model=args.model, force=args.force)
     record = {
@@ -552,20 +572,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         LAST_APPLY.parent.mkdir(exist_ok=True)
         LAST_APPLY.write_text(json.dumps(record, indent=2) + "\n", encoding="utf8")
     if args.json:
-        print(json.dumps(result.provenance, indent=2))
-    head = result.provenance["head_dense"]
-    _say(
-        args,
-        f"normalized {len(result.scales.layers)} conv layers of {result.bound.arch.name}"
-        + (f", compensated {head}" if head else "")
-        + f"; {result.scales.n_dead} dead filter(s) kept scale 1",
-    )
-    for name, idx in result.scales.dead.items():
-        if len(idx):
-            _say(args, f"  dead in {name}: {idx.tolist()[:20]}{' ...' if len(idx) > 20 else ''}")
-    for group in result.dropped:
-        _say(args, f"dropped {group}: optimizer state belongs to the old weights")
-    _say(args, f"wrote {args.dst}")
+        _show(args, result)
+    else:
+        for line in result.summary():
+            _say(args, line)
     return EXIT_OK
 
 
@@ -579,13 +589,13 @@ def _last_applied() -> str:
         raise VggnormError(f"{LAST_APPLY} is unreadable ({e}); pass --in PATH") from e
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+def _run_verify(args: argparse.Namespace) -> int:
+    from .commands.verify import verify
 
     normalized = args.normalized or _last_applied()
     if args.plot:  # found now, not after the whole re-measuring pass
-        from .atomic import check_output
-        from .report_plot import need_matplotlib
+        from .commands._figures import need_matplotlib
+        from .formats.outputs import check_output
 
         need_matplotlib("the verify figure")
         check_output(Path(args.plot), force=True)
@@ -595,29 +605,29 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             check_images=args.check_images, batch_size=args.batch_size, workers=args.workers,
             progress=bar, engine=_engine(args),
         )  # fmt: skip
-    print(report.to_json() if args.json else report.summary())
+    _show(args, report, stdout=True)
     if args.plot:
-        from .report_plot import write_verify_figure
+        from .commands._figures import write_verify_figure
 
         write_verify_figure(report, args.plot)
         _say(args, f"wrote {args.plot}")
     return EXIT_OK if report.ok else EXIT_VERIFY
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_files
+def _run_merge(args: argparse.Namespace) -> int:
+    from .commands.merge import merge_files
 
     merged = merge_files(args.inputs, args.out, force=args.force)
     shard = "" if merged.meta.shard == (0, 1) else " (the shards do not cover a whole selection)"
-    _say(
-        args, f"merged {len(args.inputs)} files: {merged.n_images} images{shard}; wrote {args.out}"
-    )
+    if args.json:
+        _show(args, merged)
+    _say(args, f"merged {len(args.inputs)} files: {merged.n_images} images{shard}; wrote {args.out}")
     return EXIT_OK
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import loss_spread_for, summary_text, write_report
-    from .statsfile import read_stats
+def _run_report(args: argparse.Namespace) -> int:
+    from .commands.report import loss_spread_for, write_report
+    from .formats.statsfile import read_stats
 
     record = read_stats(args.stats)
     style = None
@@ -625,69 +635,51 @@ def _cmd_report(args: argparse.Namespace) -> int:
         style = loss_spread_for(
             args.weights, record, images=args.images, normalized=args.normalized
         )
-    out_png = Path(args.out)
-    report = write_report(record, out_png, style=style, force=args.force)
-    if not args.quiet:
-        print("\n".join(summary_text(report)))
-    _say(args, f"wrote {out_png} and {out_png.with_suffix('.json')}")
+    result = write_report(record, Path(args.out), style=style, force=args.force)
+    if args.json:
+        _show(args, result)
+    elif not args.quiet:
+        lines = result.summary()
+        print("\n".join(lines[:-1]))
+        _say(args, lines[-1])
     return EXIT_OK
 
 
-def _cmd_bn(args: argparse.Namespace) -> int:
-    from .bn import write_bn_model
+def _run_bn(args: argparse.Namespace) -> int:
+    from .commands.bn import write_bn_model
 
-    out = write_bn_model(
+    result = write_bn_model(
         args.src, args.stats, args.dst, force=args.force, model=args.model, size=args.size,
         include_top_bn=args.top_bn,
     )  # fmt: skip
-    _say(args, f"wrote {out}: BatchNorm after every conv, identity in inference mode")
+    _show(args, result)
     return EXIT_OK
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+def _run_export(args: argparse.Namespace) -> int:
+    from .commands.export import export
 
     result = export(args.src, args.dst, args.layout, fold_input=args.fold_input, force=args.force)
-    _say(args, f"input this file expects: {result.input_convention}")
-    for note in result.notes:
-        _say(args, f"note: {note}")
-    _say(args, f"wrote {result.out} ({result.layout} layout)")
+    _show(args, result)
     return EXIT_OK
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_files
+def _run_compare(args: argparse.Namespace) -> int:
+    from .commands.compare import compare_files
 
     result = compare_files(args.original, args.other, args.stats)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(result["table"])
-        for name, row in result.get("means", {}).items():
-            print(
-                f"{name:<16} scale/mean median {_num(row['median_ratio'])}  IQR "
-                f"{_num(row['iqr_ratio'])}  corr(log) {_num(row['log_correlation'])}"
-            )
-        if "stats_matches_original" in result and not result["stats_matches_original"]:
-            print("note: the stats were not gathered on ORIGINAL (fingerprints differ)")
-        verdict = "is" if result["report"]["is_rescaling"] else "is NOT"
-        print(f"{args.other} {verdict} a per-filter positive rescaling of {args.original}")
-    return EXIT_OK if result["report"]["is_rescaling"] else EXIT_VERIFY
+    _show(args, result, stdout=True)
+    return EXIT_OK if result.is_rescaling else EXIT_VERIFY
 
 
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
-
-
-_COMMANDS = {
-    "stats": _cmd_stats,
-    "apply": _cmd_apply,
-    "verify": _cmd_verify,
-    "merge": _cmd_merge,
-    "report": _cmd_report,
-    "bn": _cmd_bn,
-    "export": _cmd_export,
-    "compare": _cmd_compare,
+#: What to pass for each kind of remedy a library error names (``VggnormError.fix``).
+_FIXES = {
+    "force": "pass --force to overwrite it",
+    "resume": "finish it with the same `vggnorm stats` command and --resume",
+    "settings": "use the original command line, or start afresh without --resume",
+    "stats": "pass --stats PATH",
+    "split": "pick one with --split",
+    "images": "pass --images A B",
 }
 
 
@@ -703,6 +695,11 @@ def _fail(args: argparse.Namespace, label: str, message: str, code: int) -> int:
     return code
 
 
+def _message(e: VggnormError) -> str:
+    fix = _FIXES.get(e.fix or "")
+    return f"{e}; {fix}" if fix else str(e)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv``; returns the exit code."""
     parser = build_parser()
@@ -713,13 +710,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        return _COMMANDS[args.command](args)
+        code: int = args.run(args)
+        return code
     except Interrupted as e:
-        return _fail(args, "INTERRUPTED", str(e), e.exit_code)
+        return _fail(args, "INTERRUPTED", _message(e), e.exit_code)
     except KeyboardInterrupt:
         return _fail(args, "INTERRUPTED", "", EXIT_INTERRUPTED)
     except VggnormError as e:
-        return _fail(args, "ERROR", str(e), e.exit_code)
+        return _fail(args, "ERROR", _message(e), e.exit_code)
     except ImportError as e:  # an optional dependency is missing; the message says which
         return _fail(args, "ERROR", str(e), EXIT_ERROR)
     finally:
@@ -729,3 +727,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entrypoint() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main(sys.argv[1:]))
+
+
+_RUNNERS = {
+    "stats": _run_stats,
+    "apply": _run_apply,
+    "verify": _run_verify,
+    "merge": _run_merge,
+    "report": _run_report,
+    "bn": _run_bn,
+    "export": _run_export,
+    "compare": _run_compare,
+}

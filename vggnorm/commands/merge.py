@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .atomic import check_output, output_lock
-from .data import items_sha256, ordered_items
-from .errors import StatsError
-from .stats import merge_stats
-from .statsfile import StatsRecord, read_stats, same_settings, write_stats
+from ..core.errors import StatsError
+from ..core.stats import merge_stats
+from ..core.statsrecord import StatsRecord, same_settings
+from ..formats.outputs import check_output, output_lock
+from ..formats.statsfile import read_stats, write_stats
+from ..runtime.data import items_sha256, ordered_items
 
 
 def merge_files(
@@ -43,7 +44,7 @@ def merge_records(records: Sequence[StatsRecord], names: Sequence[str] = ()) -> 
     seen: dict[str, str] = {}
     for name, r in zip(names, records, strict=True):
         if not r.meta.complete:
-            raise StatsError(f"{name} is from an unfinished run; finish it with --resume first")
+            raise StatsError(f"{name} is from an unfinished run", fix="resume")
         differ = same_settings(first.meta, r.meta)
         if r.meta.dataset_root != first.meta.dataset_root:
             differ.append("dataset")

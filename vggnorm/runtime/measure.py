@@ -9,11 +9,22 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .data import Dataset, Decode, iter_batches
-from .errors import DatasetError
-from .pipeline import Loaded, decode_of
-from .stats import LayerStats, accumulate, empty_stats, merge_stats
-from .statsfile import StatsMeta
+from ..core.errors import DatasetError
+from ..core.inputs import Decode
+from ..core.stats import LayerStats, accumulate, empty_stats, merge_stats
+from ..core.statsrecord import StatsMeta
+from ..core.topology import Loaded
+from .data import Dataset, iter_batches
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, passed to the progress callback after every batch."""
+
+    done: int  # items of the selection consumed (images counted + skipped)
+    total: int
+    images: int
+    skipped: int
 
 
 @dataclass(frozen=True)
@@ -62,22 +73,8 @@ def measure(
 def feature_net(loaded: Loaded, meta: StatsMeta, batch_size: int) -> Any:
     """The network that measures ``loaded``'s conv statistics with ``meta``'s settings, in
     batches of exactly ``batch_size`` images (imports Keras)."""
-    from .model import FeatureNet
+    from .network import FeatureNet
 
     arch = loaded.bound.arch.without_head()
     return FeatureNet(arch, loaded.arrays, meta.size, meta.preprocess, meta.precision,  # type: ignore[arg-type]
                       batch_size=batch_size)  # fmt: skip
-
-
-def stretches(
-    loaded: Loaded, ds: Dataset, items: Sequence[str], meta: StatsMeta, batch_size: int, *,
-    start: int = 0, workers: int = 2, strict: bool = False, engine: Any = None,
-) -> Generator[Counted, None, None]:  # fmt: skip
-    """``items[start:]`` measured with ``meta``'s settings, in order: here (:func:`measure` on
-    :func:`feature_net`) or, with an ``engine``, wherever it runs them (:mod:`vggnorm.ray_engine`).
-    Close the generator when done: it stops decoding threads or cluster workers."""
-    if engine is not None:
-        return engine(loaded, ds, items, meta, batch_size, start, strict)  # type: ignore[no-any-return]
-    net = feature_net(loaded, meta, batch_size)
-    return measure(net, ds, items, decode_of(meta), batch_size, start=start, workers=workers,
-                   strict=strict)  # fmt: skip

@@ -30,9 +30,10 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .errors import DatasetError
+from ..core.errors import DatasetError
+from ..core.inputs import Decode
+from ..core.statsrecord import StatsRecord
 
-Resize = Literal["crop", "stretch"]
 Kind = Literal["coco", "imagenet", "folder", "list"]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -127,7 +128,7 @@ def _coco_annotation(path: Path, annotations: Path | None, split: str | None) ->
         return wanted
     if len(found) > 1:
         splits = ", ".join(p.stem.removeprefix("instances_") for p in found)
-        raise DatasetError(f"{ann_dir}: several COCO splits ({splits}); pick one with --split")
+        raise DatasetError(f"{ann_dir}: several COCO splits ({splits})", fix="split")
     return found[0] if found else None
 
 
@@ -215,7 +216,7 @@ def open_dataset(
         raise DatasetError(f"{p}: no such file or folder")
     if p.is_file() and annotations is None:
         if p.suffix.lower() in IMAGE_EXTENSIONS:
-            raise DatasetError(f"{p} is one image; --data takes a folder or a list file")
+            raise DatasetError(f"{p} is one image; a dataset is a folder or a list file")
         ds = _open_list(p)
     else:
         ann = _coco_annotation(p, Path(annotations) if annotations else None, split)
@@ -252,18 +253,6 @@ class ImageSkip(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-@dataclass(frozen=True)
-class Decode:
-    """How an image becomes an N x N uint8 RGB array. Part of the statistics' identity."""
-
-    size: int = 224
-    resize: Resize = "crop"
-    interpolation: str = "bilinear"
-    # JPEG DCT-domain downscale, never below the target size: faster decoding, but per-filter
-    # means move by 0.4-1.3% median per layer on real VGG16 (DESIGN.md section 5), so opt-in.
-    draft: bool = False
 
 
 def _to_rgb(img: Any) -> Any:
@@ -402,3 +391,10 @@ def iter_batches(
         finally:
             for _, _, fut in pending:
                 fut.cancel()
+
+
+def stats_dataset(record: StatsRecord, data: str | os.PathLike[str] | None = None) -> Dataset:
+    """The images a stats run counted, under its dataset root (or ``data``, if it moved)."""
+    root = Path(record.meta.dataset_root) if data is None else open_dataset(data).root
+    kind = record.meta.dataset_kind
+    return Dataset(kind, root, record.images, root)  # type: ignore[arg-type]

@@ -15,16 +15,16 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from .archs import ActivationSpec, Arch, ConvSpec, DenseSpec, HeadSpec, NormSpec, PoolSpec
-from .weightset import BN_ROLES, CONV_ROLES
-
-Preprocess = Literal["caffe", "unit", "torch"]
-Precision = Literal["fp32", "bf16"]
+from ..core.archs import ActivationSpec, Arch, ConvSpec, DenseSpec, HeadSpec, NormSpec, PoolSpec
+from ..core.errors import WeightFileError
+from ..core.inputs import CAFFE_MEAN_BGR, TORCH_MEAN, TORCH_STD, Precision, Preprocess
+from ..core.weightset import BN_ROLES, CONV_ROLES
 
 
 @contextlib.contextmanager
@@ -74,29 +74,6 @@ def keras_module() -> Any:
 
         tf.config.experimental.enable_tensor_float_32_execution(False)
     return keras
-
-
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-TORCH_MEAN = (0.485, 0.456, 0.406)
-TORCH_STD = (0.229, 0.224, 0.225)
-
-
-def preprocess_images(images: npt.ArrayLike, scheme: str = "caffe") -> npt.NDArray[np.float32]:
-    """Preprocess uint8 RGB images ``(..., 3)`` as :mod:`vggnorm.model` does inside its graph.
-
-    ``caffe``: RGB -> BGR minus the ImageNet mean; ``unit``: RGB / 255; ``torch``: RGB / 255, then
-    ImageNet mean/std. float32 throughout, in the same order of operations as the stats model.
-    """
-    x = np.asarray(images).astype(np.float32)
-    if scheme == "caffe":
-        return x[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, dtype=np.float32)
-    if scheme == "unit":
-        return x / np.float32(255.0)
-    if scheme == "torch":
-        mean = np.asarray(TORCH_MEAN, dtype=np.float32)
-        std = np.asarray(TORCH_STD, dtype=np.float32)
-        return (x / np.float32(255.0) - mean) / std
-    raise ValueError(f"unknown preprocessing {scheme!r}; expected caffe, unit or torch")
 
 
 def _preprocess_layer(keras: Any, scheme: Preprocess) -> Any:
@@ -308,7 +285,7 @@ def backend_description() -> str:
 
 def fetch_imagenet_weights(model: str, include_top: bool = False) -> str:
     """Path to Keras's ImageNet weights for ``model``, downloaded and cached as keras.applications does."""
-    from .archs import IMAGENET_WEIGHTS
+    from ..core.archs import IMAGENET_WEIGHTS
 
     keras = keras_module()
     origin, md5 = IMAGENET_WEIGHTS[(model, include_top)]
@@ -317,3 +294,21 @@ def fetch_imagenet_weights(model: str, include_top: bool = False) -> str:
             origin.rsplit("/", 1)[-1], origin, cache_subdir="models", file_hash=md5
         )
     )
+
+
+def resolve_weights(weights: str | os.PathLike[str] | None, model: str | None) -> Path:
+    """``weights``, or Keras's cached ImageNet file for ``model`` (downloaded if missing).
+
+    Raises:
+        WeightFileError: no file given and the download failed (offline, say).
+    """
+    if weights is not None:
+        return Path(weights)
+    name = model or "vgg16"
+    try:
+        return Path(fetch_imagenet_weights(name, include_top=False))
+    except Exception as e:  # network errors come in many types; all mean the same here
+        raise WeightFileError(
+            f"could not fetch Keras's ImageNet {name} weights ({type(e).__name__}: {e}); "
+            "download them elsewhere and name the file"
+        ) from e

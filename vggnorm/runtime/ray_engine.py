@@ -3,9 +3,9 @@
 The selection ``items[start:]`` is cut into fixed blocks of ``block_batches * batch_size`` items.
 Each image's statistics do not depend on the batch it falls in (:meth:`FeatureNet.moments` pads
 every batch to the full batch size), so a block's sums are exactly the sums of its images.
-Each worker is a Ray actor that builds the network once (:func:`vggnorm.measure.feature_net`, the
-weights sent once through the object store) and runs :func:`vggnorm.measure.measure` over a
-block, adding its per-batch :class:`~vggnorm.measure.Counted` with ``plus``: the single-process
+Each worker is a Ray actor that builds the network once (:func:`vggnorm.runtime.measure.feature_net`, the
+weights sent once through the object store) and runs :func:`vggnorm.runtime.measure.measure` over a
+block, adding its per-batch :class:`~vggnorm.runtime.measure.Counted` with ``plus``: the single-process
 step, only elsewhere (STYLE.md 14). The driver yields blocks in block order, holding back those
 that finish early, so the sums are the single-process run's to float64 rounding for any number
 of workers, and the stats file written after each yielded block is a valid checkpoint.
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import DatasetError, VggnormError
+from ..core.statsrecord import StatsMeta
+from ..core.topology import Loaded
 from .data import Dataset
-from .errors import DatasetError, VggnormError
 from .measure import Counted
-from .pipeline import Loaded
-from .statsfile import StatsMeta
 
 #: Items per block, in batches: big enough that a block's result (a few MB of sums) and its
 #: scheduling are small next to its forward passes, small enough to spread and to lose little.
@@ -50,7 +50,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError as e:
-        raise VggnormError("--ray needs Ray: pip install 'vggnorm[ray]'") from e
+        raise VggnormError("running on Ray needs Ray: pip install 'vggnorm[ray]'") from e
     return ray
 
 
@@ -95,11 +95,10 @@ class Worker:
         """The sums of ``items[start:end]``, counted and skipped images in order; ``end`` is the
         position after the block in the whole selection."""
         from .measure import measure
-        from .pipeline import decode_of
 
         t0 = time.monotonic()
         total: Counted | None = None
-        stretches = measure(self.net, self.ds, self.items[start:end], decode_of(self.meta),
+        stretches = measure(self.net, self.ds, self.items[start:end], self.meta.decode,
                             batch_size, workers=self.threads, strict=strict)  # fmt: skip
         try:
             for counted in stretches:
@@ -225,11 +224,9 @@ class RayEngine:
             kind = f"{n} GPU worker(s)"
         else:
             kind = f"{n} CPU worker(s) x {per_cpu:g} CPUs"
-        import vggnorm
-
         # Workers run the driver's very code where they see its path (a checkout on the shared
         # file system the dataset needs anyway), else the vggnorm installed on their node.
-        here = str(Path(vggnorm.__file__).resolve().parents[1])
+        here = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = f"{here}{os.pathsep}${{PYTHONPATH}}"
         runtime_env = {"env_vars": env}
         opts.update(runtime_env=runtime_env, max_restarts=self.max_restarts,

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
-from .report import F64, NEAR_DEAD_FRACTION, format_number, shrink_text
-from .rescale import DEAD_THRESHOLD, compute_scales
-from .statsfile import StatsRecord
+from ..core.losses import F64, format_number, shrink_text
+from ..core.rescale import DEAD_THRESHOLD, compute_scales
+from ..core.statsrecord import NEAR_DEAD_FRACTION, StatsRecord
+from ..formats.outputs import atomic_path
 
 
 def need_matplotlib(what: str) -> None:
@@ -182,7 +182,7 @@ def _loss_panel(ax: Any, style: Mapping[str, Any], kind: str, label: str) -> Non
 
 
 def write_verify_figure(report: Any, out_png: str | Path) -> None:
-    """The per-layer table of a :class:`vggnorm.verify.VerifyReport` as a figure (PNG, atomic):
+    """The per-layer table of a :class:`vggnorm.core.verdicts.VerifyReport` as a figure (PNG, atomic):
     re-measured means after normalization (min/median/max of live filters, around 1) and the two
     errors against their tolerances, on a log axis."""
     try:

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 
 class VggnormError(Exception):
-    """Base class: a problem with the user's input, files or environment."""
+    """Base class: a problem with the user's input, files or environment.
+
+    The message says what is wrong in the library's terms. ``fix`` names, when there is one, the
+    kind of remedy (``"force"``: allow overwriting; ``"resume"``: continue the saved run;
+    ``"stats"``: name the stats file; ``"split"``: choose a COCO split; ``"images"``: name two
+    images; ``"settings"``: rerun with the saved run's settings), which the CLI turns into the
+    flag to pass. It survives pickling (the guarded reader sends errors across processes).
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class WeightFileError(VggnormError):

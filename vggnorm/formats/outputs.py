@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..core.errors import OutputError, VggnormError
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
@@ -75,7 +77,7 @@ def check_output(
     *,
     force: bool = False,
     inputs: Sequence[Path] = (),
-    error: type[Exception] | None = None,
+    error: type[VggnormError] | None = None,
     need_bytes: int = 1 << 20,
 ) -> None:
     """The one rule for every file vggnorm writes: never over an input, never over an existing
@@ -85,14 +87,12 @@ def check_output(
     Raises:
         ``error`` (default :class:`~vggnorm.errors.OutputError`) naming the file and the fix.
     """
-    from .errors import OutputError
-
     err = error or OutputError
     for src in inputs:
         if out.exists() and src.exists() and os.path.samefile(src, out):
             raise err(f"{out} is the input file; vggnorm never writes over its input")
     if out.exists() and not force:
-        raise err(f"{out} already exists; pass --force to overwrite it")
+        raise err(f"{out} already exists", fix="force")
     try:
         check_writable(out, need_bytes)
     except OutputError as e:
@@ -106,8 +106,6 @@ def check_writable(target: Path, need_bytes: int = 1 << 20) -> None:
     Raises:
         OutputError: naming the directory and the reason.
     """
-    from .errors import OutputError
-
     parent = target.parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: output directory does not exist")
@@ -149,8 +147,6 @@ def output_lock(target: Path, what: str = "") -> Iterator[None]:
     import socket
     import sys
     import time
-
-    from .errors import OutputError
 
     lock = target.parent / f".{target.name}.lock"
     key = str(lock.resolve())

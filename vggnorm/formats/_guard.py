@@ -56,7 +56,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import VggnormError, WeightFileError
+from ..core.errors import VggnormError, WeightFileError
 
 T = TypeVar("T")
 
@@ -69,7 +69,7 @@ MIN_THROUGHPUT_BPS = 5e6
 #: The child's own SIGALRM fires this much after the parent's deadline (orphan safety net).
 _CHILD_GRACE_S = 10
 #: Modules the fork server imports once, so each child starts with them loaded.
-_PRELOAD = ["vggnorm.guard", "vggnorm.weights_io", "vggnorm.statsfile"]
+_PRELOAD = ["vggnorm.formats", "vggnorm.formats.statsfile"]
 _MAX_REASON = 200
 
 _ctx_lock = threading.Lock()
@@ -227,8 +227,8 @@ def run_guarded(
         KeyboardInterrupt: after killing the child.
 
     Example:
-        >>> from vggnorm.weights_io import read_weights
-        >>> ws = run_guarded(read_weights, "vgg16.h5", what="vgg16.h5")  # doctest: +SKIP
+        >>> from vggnorm.formats.keras_h5 import read
+        >>> ws = run_guarded(read, "vgg16.h5", what="vgg16.h5")  # doctest: +SKIP
     """
     if timeout is None:
         timeout = read_timeout(what, error)
@@ -291,6 +291,7 @@ def run_guarded(
         if "\n" in message or str(what) not in message:
             # One line naming the user's file (a .keras member is read from a temporary copy).
             one_line = " ".join(message.split())
-            raise type(value)(one_line if str(what) in one_line else f"{what}: {one_line}")
+            text = one_line if str(what) in one_line else f"{what}: {one_line}"
+            raise type(value)(text, fix=getattr(value, "fix", None))
         raise value
     raise error(f"{what}: unreadable or damaged file ({value})")

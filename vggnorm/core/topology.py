@@ -12,20 +12,30 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
-from .archs import ARCHS, Arch, ConvSpec, DenseSpec, HeadSpec, Padding, PoolSpec
-from .errors import ArchitectureError
-from .weightset import BN_ROLES, CONV_ROLES, LayerEntry, WeightFile
+from .archs import ARCHS, Arch, ConvSpec, DenseSpec, FeatureLayer, HeadSpec, Padding, PoolSpec
+from .errors import ArchitectureError, VggnormError
+from .weightset import BN_ROLES, CONV_ROLES, LayerEntry, WeightFile, WeightSet
 
 
 @dataclass(frozen=True)
 class Bound:
-    """An architecture whose layer names are the weight file's own names."""
+    """An architecture whose layer names are the weight file's own names.
+
+    Attributes:
+        arch: the architecture, named as the file names its layers.
+        source: how it was determined, for messages and provenance.
+        stock: ``"vgg16"``/``"vgg19"`` when the conv chain is that stock network's (whatever the
+            file calls its layers and whatever head follows), else None. Set once, here; every
+            command that needs "is this a stock VGG" reads it.
+    """
 
     arch: Arch
-    source: str  # how it was determined, for messages and provenance
+    source: str
+    stock: str | None = None
 
     @property
     def conv_names(self) -> tuple[str, ...]:
@@ -116,7 +126,25 @@ def _bind_stock(wf: WeightFile, stock: Arch) -> Bound:
             for i, e in enumerate(denses)
         )
         head = HeadSpec(reduce, dense, size)  # type: ignore[arg-type]
-    return Bound(Arch(stock.name, features, head), f"{stock.name} (recognised from conv shapes)")
+    arch = Arch(stock.name, features, head)
+    return Bound(arch, f"{stock.name} (recognised from conv shapes)", stock.name)
+
+
+def stock_chain(arch: Arch) -> str | None:
+    """``"vgg16"``/``"vgg19"`` when ``arch``'s features are that network's conv chain (plain 3x3
+    ReLU convs, 2x2 max pooling, in the same places), whatever the layers are named."""
+
+    def shape(layer: FeatureLayer) -> tuple[object, ...]:
+        if isinstance(layer, ConvSpec):
+            return ("conv", layer.filters, layer.kernel_size, layer.strides, layer.padding,
+                    layer.use_bias, layer.norm is None)  # fmt: skip
+        return ("pool", layer.kind, layer.pool_size, layer.strides)
+
+    ours = [shape(f) for f in arch.features]
+    for name, stock in ARCHS.items():
+        if ours == [shape(f) for f in stock.features]:
+            return name
+    return None
 
 
 def _is_square(n: int) -> bool:
@@ -140,8 +168,9 @@ def bind(wf: WeightFile, model: str | None = None) -> Bound:
 
         stock = detect_stock(wf)
         if model is not None and stock not in (None, model):
-            raise ArchitectureError(f"{wf.path} holds a {stock}, but --model is {model}")
-        return Bound(arch_from_config(wf.config, wf), "model config")
+            raise ArchitectureError(f"{wf.path} holds a {stock}, not the {model} asked for")
+        arch = arch_from_config(wf.config, wf)
+        return Bound(arch, "model config", stock_chain(arch))
     stock = detect_stock(wf)
     if stock is None:
         convs = _convs(wf.layers)
@@ -152,7 +181,7 @@ def bind(wf: WeightFile, model: str | None = None) -> Bound:
         )
     if model is not None and model != stock:
         raise ArchitectureError(
-            f"{wf.path} holds {len(_convs(wf.layers))} conv layers, a {stock}, but --model is {model}"
+            f"{wf.path} holds {len(_convs(wf.layers))} conv layers, a {stock}, not the {model} asked for"
         )
     bound = _bind_stock(wf, ARCHS[stock])
     return _torch_layout(bound, wf.layout) if wf.layout else bound
@@ -171,7 +200,9 @@ def _torch_layout(bound: Bound, layout: str) -> Bound:
         # torchvision's AdaptiveAvgPool2d((7, 7)) is the identity on the 7x7 map of a 224 input.
         head = replace(head, layers=tuple(dense), flatten_order="chw", input_size=224)
     padding: Padding = "reflect" if layout == "adain" else "zero"
-    return Bound(replace(arch, head=head, padding=padding), f"{bound.source}, {layout} layout")
+    return replace(
+        bound, arch=replace(arch, head=head, padding=padding), source=f"{bound.source}, {layout} layout"
+    )
 
 
 def fingerprint(arrays: Mapping[str, np.ndarray], layers: Sequence[str]) -> str:
@@ -195,3 +226,90 @@ def fingerprint(arrays: Mapping[str, np.ndarray], layers: Sequence[str]) -> str:
                 h.update(f"{label}{a.shape}".encode())
                 h.update(a.tobytes())
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A weight file's arrays bound to its architecture."""
+
+    weights: WeightSet
+    bound: Bound
+
+    @property
+    def arrays(self) -> Mapping[str, np.ndarray]:
+        return self.weights.arrays
+
+    @property
+    def path(self) -> Path:
+        return self.weights.file.path
+
+    @property
+    def preprocess(self) -> str:
+        """The input convention of the file's layout: ``caffe`` for Keras's VGG (and Gatys's
+        and AdaIN's files), ``torch`` for torchvision's."""
+        return self.weights.file.preprocess or "caffe"
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.arrays, self.bound.arch.weighted_features)
+
+    def with_padding(self, padding: str | None) -> Loaded:
+        """This file with every conv padding its input as ``padding`` says (None: as the file's
+        layout does): statistics for AdaIN are gathered with its reflection padding.
+
+        Raises:
+            VggnormError: an unknown padding.
+        """
+        if padding is None or padding == self.bound.arch.padding:
+            return self
+        if padding not in ("zero", "reflect"):
+            raise VggnormError(f"unknown padding {padding!r}; expected zero or reflect")
+        arch = replace(self.bound.arch, padding=padding)  # type: ignore[arg-type]
+        return Loaded(self.weights, replace(self.bound, arch=arch,
+                                            source=f"{self.bound.source}, {padding} padding"))  # fmt: skip
+
+
+def named_as(other: Loaded, like: Loaded) -> dict[str, np.ndarray]:
+    """``other``'s conv (and conv BatchNorm) arrays under ``like``'s layer names, matched by
+    position: the same network saved in another format or layout names its layers otherwise.
+
+    Raises:
+        ArchitectureError: the two hold different conv chains.
+    """
+    a, b = like.bound.arch, other.bound.arch
+    shapes_a = [(c.filters, c.kernel_size) for c in a.convs]
+    shapes_b = [(c.filters, c.kernel_size) for c in b.convs]
+    if shapes_a != shapes_b or len(a.weighted_features) != len(b.weighted_features):
+        raise ArchitectureError(f"{other.path} is not the same network as {like.path}")
+    return _renamed(other.arrays, dict(zip(b.weighted_features, a.weighted_features)))
+
+
+def _renamed(arrays: Mapping[str, np.ndarray], names: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """The arrays of the layers in ``names``, keyed by their new layer names."""
+    out = {}
+    for key, value in arrays.items():
+        layer, role = key.rsplit("/", 1)
+        if layer in names:
+            out[f"{names[layer]}/{role}"] = value
+    return out
+
+
+def stock_named(loaded: Loaded) -> dict[str, np.ndarray]:
+    """A stock VGG16/VGG19's arrays under Keras's layer names (files name their layers in many
+    ways), with the first Dense's rows in PyTorch's (C, H, W) flatten order.
+
+    Raises:
+        ArchitectureError: the file is not a stock VGG16/VGG19.
+    """
+    from .torch_layouts import keras_rows_to_torch
+
+    if loaded.bound.stock is None:
+        raise ArchitectureError(f"{loaded.path}: not a stock VGG16/VGG19 conv chain")
+    stock = ARCHS[loaded.bound.stock]
+    names = dict(zip(loaded.bound.conv_names, stock.conv_names))
+    head = loaded.bound.arch.head
+    if head is not None and stock.head is not None:
+        names.update(zip((d.name for d in head.dense), (d.name for d in stock.head.dense)))
+    out = _renamed(loaded.arrays, names)
+    if head is not None and head.flatten_order == "hwc" and "fc1/kernel" in out:
+        out["fc1/kernel"] = keras_rows_to_torch(out["fc1/kernel"], stock.convs[-1].filters)
+    return out

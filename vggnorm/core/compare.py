@@ -19,9 +19,8 @@ deviations of order 1. :func:`ratio_tolerance` computes it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -250,14 +249,10 @@ def compare_weights(
         >>> r.is_rescaling, r.scales["c"].tolist()
         (True, [2.0, 4.0])
     """
-    missing = tuple(
-        sorted(
-            key
-            for name in [*conv_layers, *([head_dense] if head_dense else [])]
-            for key in (f"{name}/kernel",)
-            if key not in a or key not in b
-        )
-    )
+    missing = tuple(sorted(
+        f"{name}/kernel" for name in [*conv_layers, *([head_dense] if head_dense else [])]
+        if f"{name}/kernel" not in a or f"{name}/kernel" not in b
+    ))  # fmt: skip
     dtypes = [np.asarray(v).dtype for m in (a, b) for v in m.values()]
     tolerance = ratio_tolerance(dtypes, len(conv_layers))
     if missing:
@@ -266,69 +261,76 @@ def compare_weights(
     layers: list[LayerComparison] = []
     prev: F64 | None = None
     for name in conv_layers:
-        ka = np.asarray(a[f"{name}/kernel"], dtype=np.float64)
-        kb = np.asarray(b[f"{name}/kernel"], dtype=np.float64)
-        if ka.shape != kb.shape or ka.ndim != 4:
-            raise ValueError(
-                f"{name}/kernel: shapes {ka.shape} and {kb.shape} differ or are not 4-D"
-            )
-        ka = np.where(np.abs(ka) < tiny, 0.0, ka)
-        kb = np.where(np.abs(kb) < tiny, 0.0, kb)
-        if prev is not None:
-            if prev.shape[0] != ka.shape[2]:
-                raise ValueError(f"{name}: {ka.shape[2]} inputs, previous conv has {prev.shape[0]}")
-            ka = ka * prev[None, None, :, None]
-        n_out = ka.shape[3]
-        ratio, mismatch, negative = _ratios(ka.reshape(-1, n_out), kb.reshape(-1, n_out))
-        has_bias = f"{name}/bias" in a and f"{name}/bias" in b
-        if has_bias:
-            ba = np.asarray(a[f"{name}/bias"], dtype=np.float64)
-            bb = np.asarray(b[f"{name}/bias"], dtype=np.float64)
-            ba = np.where(np.abs(ba) < tiny, 0.0, ba)
-            bb = np.where(np.abs(bb) < tiny, 0.0, bb)
-            bias_ratio, bm, bn = _ratios(ba, bb)
-            mismatch, negative = mismatch + bm, negative + bn
-        else:
-            bias_ratio = np.full(n_out, np.nan)
-        counts = np.sum(~np.isnan(ratio), axis=0)
-        kernel_med = _column_median(ratio, counts)
-        scale = np.where(counts > 0, kernel_med, np.where(np.isnan(bias_ratio), 1.0, bias_ratio))
-        # A nonpositive scale (sign flip) is already counted; keep the chain finite and positive.
-        scale = np.where(scale > 0, scale, 1.0)
-        all_ratios = np.vstack([ratio, bias_ratio[None, :]])
-        dev = np.abs(all_ratios / scale[None, :] - 1.0)
-        spread = float(np.nanmax(dev)) if np.any(~np.isnan(dev)) else 0.0
-        n_ratios = int(np.count_nonzero(~np.isnan(all_ratios)))
-        layers.append(LayerComparison(name, scale, spread, negative, mismatch, n_ratios))
-        prev = scale
+        layers.append(_compare_conv(a, b, name, prev, tiny))
+        prev = layers[-1].scales
     head = None
     touched = {f"{n}/{p}" for n in conv_layers for p in ("kernel", "bias")}
     if head_dense is not None and prev is not None:
-        ha = np.asarray(a[f"{head_dense}/kernel"], dtype=np.float64)
-        hb = np.asarray(b[f"{head_dense}/kernel"], dtype=np.float64)
-        if ha.shape != hb.shape or ha.ndim != 2:
-            raise ValueError(f"{head_dense}/kernel: shapes {ha.shape} and {hb.shape} differ")
-        expected = ha * _row_scale(prev, ha.shape[0], flatten)[:, None]
-        expected = np.where(np.abs(expected) < tiny, 0.0, expected)
-        hb = np.where(np.abs(hb) < tiny, 0.0, hb)
-        ratio, mismatch, negative = _ratios(hb, expected)
-        dev = np.abs(ratio - 1.0)
-        spread = float(np.nanmax(dev)) if np.any(~np.isnan(dev)) else 0.0
-        bias_key = f"{head_dense}/bias"
-        bias_equal = (bias_key in a) == (bias_key in b) and (
-            bias_key not in a or np.array_equal(a[bias_key], b[bias_key])
-        )
-        head = HeadComparison(head_dense, spread, bias_equal, mismatch + negative)
-        touched |= {f"{head_dense}/kernel", bias_key}
-    other = tuple(
-        sorted(
-            k
-            for k in set(a) | set(b)
-            if k not in touched
-            and (k not in a or k not in b or not np.array_equal(np.asarray(a[k]), np.asarray(b[k])))
-        )
-    )
+        head = _compare_head(a, b, head_dense, prev, flatten, tiny)
+        touched |= {f"{head_dense}/kernel", f"{head_dense}/bias"}
+    other = tuple(sorted(
+        k for k in set(a) | set(b)
+        if k not in touched
+        and (k not in a or k not in b or not np.array_equal(np.asarray(a[k]), np.asarray(b[k])))
+    ))  # fmt: skip
     return CompareReport(tuple(layers), tolerance, head, other, ())
+
+
+def _flushed(x: npt.ArrayLike, tiny: float) -> F64:
+    """float64 values with the subnormal range set to zero (its relative rounding is unbounded)."""
+    v = np.asarray(x, dtype=np.float64)
+    return np.where(np.abs(v) < tiny, 0.0, v)
+
+
+def _compare_conv(
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], name: str, prev: F64 | None,
+    tiny: float,
+) -> LayerComparison:  # fmt: skip
+    """One conv layer: the scales that map a's filters to b's (a's input axis already divided by
+    the previous layer's scales), and how far every ratio is from them."""
+    ka, kb = _flushed(a[f"{name}/kernel"], tiny), _flushed(b[f"{name}/kernel"], tiny)
+    if ka.shape != kb.shape or ka.ndim != 4:
+        raise ValueError(f"{name}/kernel: shapes {ka.shape} and {kb.shape} differ or are not 4-D")
+    if prev is not None:
+        if prev.shape[0] != ka.shape[2]:
+            raise ValueError(f"{name}: {ka.shape[2]} inputs, previous conv has {prev.shape[0]}")
+        ka = ka * prev[None, None, :, None]
+    n_out = ka.shape[3]
+    ratio, mismatch, negative = _ratios(ka.reshape(-1, n_out), kb.reshape(-1, n_out))
+    if f"{name}/bias" in a and f"{name}/bias" in b:
+        ba, bb = _flushed(a[f"{name}/bias"], tiny), _flushed(b[f"{name}/bias"], tiny)
+        bias_ratio, bm, bn = _ratios(ba, bb)
+        mismatch, negative = mismatch + bm, negative + bn
+    else:
+        bias_ratio = np.full(n_out, np.nan)
+    counts = np.sum(~np.isnan(ratio), axis=0)
+    kernel_med = _column_median(ratio, counts)
+    scale = np.where(counts > 0, kernel_med, np.where(np.isnan(bias_ratio), 1.0, bias_ratio))
+    # A nonpositive scale (sign flip) is already counted; keep the chain finite and positive.
+    scale = np.where(scale > 0, scale, 1.0)
+    all_ratios = np.vstack([ratio, bias_ratio[None, :]])
+    dev = np.abs(all_ratios / scale[None, :] - 1.0)
+    spread = float(np.nanmax(dev)) if np.any(~np.isnan(dev)) else 0.0
+    n_ratios = int(np.count_nonzero(~np.isnan(all_ratios)))
+    return LayerComparison(name, scale, spread, negative, mismatch, n_ratios)
+
+
+def _compare_head(
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], dense: str, s_last: F64,
+    flatten: tuple[FlattenOrder, int] | None, tiny: float,
+) -> HeadComparison:  # fmt: skip
+    """The first Dense: b's rows must be a's times the last conv's scales, its bias unchanged."""
+    ha = np.asarray(a[f"{dense}/kernel"], dtype=np.float64)
+    hb = _flushed(b[f"{dense}/kernel"], tiny)
+    if ha.shape != hb.shape or ha.ndim != 2:
+        raise ValueError(f"{dense}/kernel: shapes {ha.shape} and {hb.shape} differ")
+    expected = _flushed(ha * _row_scale(s_last, ha.shape[0], flatten)[:, None], tiny)
+    ratio, mismatch, negative = _ratios(hb, expected)
+    dev = np.abs(ratio - 1.0)
+    spread = float(np.nanmax(dev)) if np.any(~np.isnan(dev)) else 0.0
+    key = f"{dense}/bias"
+    bias_equal = (key in a) == (key in b) and (key not in a or np.array_equal(a[key], b[key]))
+    return HeadComparison(dense, spread, bias_equal, mismatch + negative)
 
 
 @dataclass(frozen=True)
@@ -400,76 +402,4 @@ def compare_with_means(
         if ls.size >= 2 and np.std(ls) > 0 and np.std(lm) > 0:
             corr = float(np.corrcoef(ls, lm)[0, 1])
         out[name] = ScalesVsMeans(float(q50), float(q75 - q25), corr, int(ls.size))
-    return out
-
-
-def compare_files(
-    original: str | os.PathLike[str],
-    other: str | os.PathLike[str],
-    stats: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    """``vggnorm compare``: is ``other`` a per-filter positive rescaling of ``original``?
-
-    Any two supported files (Keras or PyTorch, any layout) of the same stock VGG, or two files of
-    one fine-tuned architecture with the same layer names. With ``stats`` (gathered on
-    ``original``), the implied scales are set against the stats' means.
-
-    Returns:
-        A JSON-ready dict: ``report`` (:meth:`CompareReport.to_dict`), ``table`` (text), and with
-        stats ``means`` (per layer: median ratio scale/mean, interquartile range, correlation of
-        log scales and log means) and ``stats_matches_original`` (fingerprint check).
-
-    Raises:
-        ArchitectureError: the files hold different architectures.
-    """
-    from .errors import ArchitectureError, StatsError
-    from .pipeline import load, stock_named
-
-    a, b = load(original), load(other)
-    if b.bound.arch.name != a.bound.arch.name:
-        raise ArchitectureError(
-            f"{original} is a {a.bound.arch.name}, {other} a {b.bound.arch.name}"
-        )
-    stock = a.bound.arch.name in ("vgg16", "vgg19") and b.bound.arch.name == a.bound.arch.name
-    if stock:
-        wa, wb = stock_named(a), stock_named(b)
-        from .archs import ARCHS
-
-        arch = ARCHS[a.bound.arch.name]
-        convs = arch.conv_names
-    else:
-        wa, wb, arch = dict(a.arrays), dict(b.arrays), a.bound.arch
-        convs = arch.conv_names
-    head_a = a.bound.arch.head
-    dense = None
-    flatten: tuple[FlattenOrder, int] | None = None
-    if head_a is not None and head_a.dense and b.bound.arch.head is not None:
-        dense = "fc1" if stock else head_a.dense[0].name
-        rows = wa[f"{dense}/kernel"].shape[0]
-        last = wa[f"{convs[-1]}/kernel"].shape[3]
-        order: FlattenOrder = "chw" if stock else head_a.flatten_order
-        flatten = (order, rows // last) if head_a.reduce == "flatten" else None
-    else:  # one of them has no head: compare the convs
-        wa = {k: v for k, v in wa.items() if k.rsplit("/", 1)[0] in convs}
-        wb = {k: v for k, v in wb.items() if k.rsplit("/", 1)[0] in convs}
-    try:
-        report = compare_weights(wa, wb, convs, dense, flatten)
-    except ValueError as e:  # shapes that differ or do not chain
-        raise ArchitectureError(f"{original} and {other} are not the same network: {e}") from e
-    out: dict[str, Any] = {"original": str(original), "other": str(other),
-                           "report": report.to_dict(), "table": report.table()}  # fmt: skip
-    if stats is not None:
-        from .pipeline import check_fingerprint
-        from .statsfile import read_stats, stats_by_conv
-
-        record = read_stats(stats)
-        try:
-            check_fingerprint(a, record, "ORIGINAL")
-            out["stats_matches_original"] = True
-        except StatsError:
-            out["stats_matches_original"] = False
-        matched = stats_by_conv(record, [(c, wa[f"{c}/kernel"].shape[3]) for c in convs])
-        means = {c: s.mean for c, s in matched.items()}
-        vs = compare_with_means(report.scales, means)
-        out["means"] = {k: asdict(v) for k, v in vs.items()}
     return out

@@ -1,0 +1,3 @@
+"""The version of vggnorm: a leaf module, so every layer can read it without importing the package."""
+
+__version__ = "0.1.0"

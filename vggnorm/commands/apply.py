@@ -1,0 +1,160 @@
+"""``vggnorm apply``: rescale a weight file with gathered statistics. numpy and h5py only: no
+TensorFlow is loaded."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import StatsError, WeightFileError
+from ..core.rescale import DEAD_THRESHOLD, Scales
+from ..core.scaling import check_fingerprint, rescale_bound, scales_for
+from ..core.statsrecord import StatsRecord
+from ..core.topology import Bound, Loaded
+from ..formats.outputs import check_output, output_lock
+from ..formats.registry import load, write_weights
+from ..formats.statsfile import read_stats
+from ._common import file_record, provenance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``apply`` wrote: the file, its architecture, the scales, the groups dropped (optimizer
+    state) and the provenance stored with it."""
+
+    out: Path
+    bound: Bound
+    scales: Scales
+    dropped: tuple[str, ...]
+    provenance: dict[str, Any]
+
+    def summary(self) -> list[str]:
+        head = self.provenance["head_dense"]
+        lines = [
+            f"normalized {len(self.scales.layers)} conv layers of {self.bound.arch.name}"
+            + (f", compensated {head}" if head else "")
+            + f"; {self.scales.n_dead} dead filter(s) kept scale 1"
+        ]
+        for name, idx in self.scales.dead.items():
+            if len(idx):
+                more = " ..." if len(idx) > 20 else ""
+                lines.append(f"  dead in {name}: {idx.tolist()[:20]}{more}")
+        lines += [f"dropped {g}: optimizer state belongs to the old weights" for g in self.dropped]
+        return [*lines, f"wrote {self.out}"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.provenance)
+
+
+def normalize(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    stats: str | os.PathLike[str] | StatsRecord,
+    *,
+    model: str | None = None,
+    force: bool = False,
+    dead_threshold: float = DEAD_THRESHOLD,
+) -> ApplyResult:
+    """Write ``dst``: ``src`` rescaled so every conv filter's mean activation on the stats data is 1.
+
+    Args:
+        src: weight file in any supported format and layout; never modified.
+        dst: output path in the same format as ``src``.
+        stats: a stats file (or record) gathered on a model with the same conv weights.
+        model: ``"vgg16"``/``"vgg19"`` if the file cannot tell.
+        force: overwrite ``dst`` if it exists.
+        dead_threshold: filters with a mean at or below this keep scale 1.
+
+    Returns:
+        What was written, the scales, and the provenance stored in the file.
+
+    Raises:
+        WeightFileError, ArchitectureError, StatsError: nothing is written then.
+
+    Example:
+        >>> normalize("vgg16.h5", "vgg16_norm.h5", "vggnorm-stats.h5")  # doctest: +SKIP
+    """
+    out = Path(dst)
+    with output_lock(out):
+        check_output(out, force=force, inputs=[Path(src)], error=WeightFileError)
+        loaded = load(src, model)
+        if loaded.weights.file.provenance is not None:
+            raise WeightFileError(
+                f"{src} was already normalized by vggnorm "
+                f"{loaded.weights.file.provenance.get('tool_version', '?')}; apply it to the original"
+            )
+        record = stats if isinstance(stats, StatsRecord) else read_stats(stats)
+        return _write(loaded, out, stats, record, force, dead_threshold)
+
+
+def _write(
+    loaded: Loaded, out: Path, stats: str | os.PathLike[str] | StatsRecord, record: StatsRecord,
+    force: bool, dead_threshold: float,
+) -> ApplyResult:  # fmt: skip
+    check_fingerprint(loaded, record)
+    if record.meta.padding != loaded.bound.arch.padding:
+        log.warning(
+            "the stats were gathered with %s padding, %s pads with %s: its means are 1 under %s "
+            "padding (as intended when it will be exported to that layout)",
+            record.meta.padding, loaded.path, loaded.bound.arch.padding, record.meta.padding,
+        )  # fmt: skip
+    try:
+        scales = scales_for(record, loaded.bound, dead_threshold)
+    except StatsError as e:
+        where = "" if isinstance(stats, StatsRecord) else f"{stats}: "
+        raise StatsError(f"{where}{e}", fix=e.fix) from e
+    new = rescale_bound(loaded.arrays, loaded.bound, scales)
+    changed = {k: v for k, v in new.items() if v is not loaded.arrays[k]}
+    for key, value in changed.items():
+        if not np.all(np.isfinite(value)):  # cannot happen with finite positive scales; be sure
+            raise WeightFileError(f"rescaling {key} produced non-finite values; nothing written")
+    prov = _provenance(loaded, stats, record, scales, dead_threshold)
+    extra = {f"scales/{i:02d}_{n}": scales.values[n] for i, n in enumerate(loaded.bound.conv_names)}
+    dropped = write_weights(loaded.weights.file, out, changed, provenance=prov, extra=extra,
+                            force=force)  # fmt: skip
+    if dropped:
+        log.warning("dropped %s: optimizer state belongs to the old weights", ", ".join(dropped))
+    prov["dropped"] = dropped
+    return ApplyResult(out, loaded.bound, scales, tuple(dropped), prov)
+
+
+def _provenance(
+    loaded: Loaded, stats: str | os.PathLike[str] | StatsRecord, record: StatsRecord,
+    scales: Scales, dead_threshold: float,
+) -> dict[str, Any]:  # fmt: skip
+    """What produced a normalized file, stored in it (and how to undo it)."""
+    stats_file = None if isinstance(stats, StatsRecord) else file_record(stats)
+    head = loaded.bound.arch.head
+    meta = record.meta
+    torch_like = loaded.weights.file.format in ("safetensors", "pth")
+    return provenance(
+        "normalize: conv filter means on the stats images are 1",
+        source=file_record(loaded.path, loaded.weights.file.format),
+        stats={
+            "path": stats_file["path"] if stats_file else None,
+            "sha256": stats_file["sha256"] if stats_file else None,
+            "fingerprint": meta.fingerprint, "model": meta.model, "images": record.n_images,
+            "skipped": len(record.skipped), "dataset": meta.dataset_path,
+            "dataset_kind": meta.dataset_kind, "size": meta.size, "resize": meta.decode.resize,
+            "preprocess": meta.preprocess, "precision": meta.precision, "draft": meta.decode.draft,
+        },
+        architecture=loaded.bound.source,
+        conv_layers=list(loaded.bound.conv_names),
+        head_dense=head.dense[0].name if head and head.dense else None,
+        dead_threshold=dead_threshold,
+        dead_filters={k: v.tolist() for k, v in scales.dead.items() if len(v)},
+        scales=(
+            "vggnorm.scales metadata (JSON): float64 divisor of each filter (dead: 1)"
+            if torch_like
+            else "vggnorm/scales/<NN>_<layer>: float64 divisor of each filter (dead: 1)"
+        ),
+        undo="kernel[..., c] *= s[c] and bias[c] *= s[c]; next conv kernel[:, :, c, :] /= s[c]; "
+        "first dense rows /= s_last in flatten order",
+    )  # fmt: skip

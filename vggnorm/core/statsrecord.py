@@ -1,0 +1,231 @@
+"""A statistics run as data: its settings (:class:`StatsMeta`), its per-layer sums and the images
+it counted (:class:`StatsRecord`), and the rules a record must satisfy. Pure numpy; the file that
+holds a record is :mod:`vggnorm.formats.statsfile`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+
+from .errors import StatsError
+from .inputs import Decode
+from .stats import LayerStats, means
+
+#: A live filter whose mean is below this fraction of its layer's median mean is "near-dead".
+NEAR_DEAD_FRACTION = 1e-3
+#: Filters whose mean activation is at or below this are dead on the data (see rescale).
+_DEAD = 1e-8
+
+
+@dataclass(frozen=True)
+class StatsMeta:
+    """Everything needed to reproduce, check, resume, merge and verify a statistics run."""
+
+    model: str
+    fingerprint: str
+    weights: str
+    decode: Decode
+    preprocess: str
+    precision: str
+    dataset_kind: str
+    dataset_path: str
+    dataset_root: str
+    annotations: str | None
+    dataset_items: int  # images found in the dataset before --limit/--shard
+    selection_sha256: str  # of the ordered items this run covers
+    selection_size: int
+    # how the convs padded their inputs: zero (Keras, torchvision) or reflect (AdaIN)
+    padding: str = "zero"
+    limit: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    position: int = 0  # items of the selection consumed so far
+    complete: bool = False
+    tool_version: str = ""
+    backend: str = ""
+    created: str = ""
+    updated: str = ""
+    merged_from: tuple[str, ...] = field(default=())
+
+    @property
+    def size(self) -> int:
+        return self.decode.size
+
+    def settings(self) -> dict[str, Any]:
+        """What must agree for two runs to be resumed or merged."""
+        ident = {"model": self.model, "fingerprint": self.fingerprint}
+        rest = ("preprocess", "precision", "padding", "dataset_kind")
+        return {**ident, **asdict(self.decode), **{k: getattr(self, k) for k in rest}}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-ready fields (the decode settings beside the others, as stats files store
+        them)."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "decode"}
+        return {**flat, **asdict(self.decode)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> StatsMeta:
+        """The inverse of :meth:`to_dict`; raises TypeError/KeyError on unknown or missing keys."""
+        data = dict(raw)
+        decode = Decode(**{f.name: data.pop(f.name) for f in fields(Decode)})
+        data["shard"] = tuple(data.get("shard", (0, 1)))
+        data["merged_from"] = tuple(data.get("merged_from", ()))
+        return cls(decode=decode, **data)
+
+
+@dataclass(frozen=True)
+class StatsRecord:
+    """A statistics run: settings, per-conv-layer sums in network order, images counted and
+    skipped (item, reason, detail)."""
+
+    meta: StatsMeta
+    layers: tuple[LayerStats, ...]
+    images: tuple[str, ...]
+    skipped: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(Counter(reason for _, reason, _ in self.skipped))
+
+    def means(self) -> dict[str, np.ndarray]:
+        return means(self.layers)
+
+    def with_meta(self, **changes: Any) -> StatsRecord:
+        return replace(self, meta=replace(self.meta, **changes))
+
+    def summary(self) -> list[str]:
+        """The lines ``vggnorm stats`` prints: images and skips, then one line per layer."""
+        skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.skip_counts().items())) or "none"
+        lines = [f"{self.meta.model}: {self.n_images} images counted, skipped: {skipped}"]
+        return lines + [_summary_line(row) for row in layer_summary(self)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings, per-layer summary and skips, JSON-ready (the sums stay in the file)."""
+        return {
+            "meta": self.meta.to_dict(),
+            "images": self.n_images,
+            "skipped": self.skip_counts(),
+            "layers": layer_summary(self),
+        }
+
+
+def _summary_line(row: Mapping[str, Any]) -> str:
+    return (
+        f"{row['name']:<16} filters {row['filters']:>4}  mean min {row['mean_min']:.4g}  "
+        f"median {row['mean_median']:.4g}  max {row['mean_max']:.4g}  dead {row['dead']}  "
+        f"near-dead {row['near_dead']}"
+    )
+
+
+def layer_summary(record: StatsRecord, dead_threshold: float = _DEAD) -> list[dict[str, Any]]:
+    """Per conv layer: filters, dead and near-dead filters, and the spread of the filter means.
+
+    Args:
+        record: statistics (complete or not; every layer must have counted something).
+        dead_threshold: a filter whose mean is at or below this is dead (as in ``apply``).
+
+    Returns:
+        One dict per conv layer in network order: ``name``, ``filters``, ``dead`` and
+        ``near_dead`` (counts), ``dead_filters`` and ``near_dead_filters`` (indices),
+        ``mean_min``, ``mean_median``, ``mean_max`` (over all filters) and ``live_min`` (the
+        smallest live mean, None if every filter is dead). A near-dead filter is live with a mean
+        below ``NEAR_DEAD_FRACTION`` x the layer's median mean; dead filters are not counted again.
+
+    Raises:
+        StatsError: a layer has no activation counted.
+    """
+    return [_layer_row(s, dead_threshold) for s in record.layers]
+
+
+def _layer_row(s: LayerStats, dead_threshold: float) -> dict[str, Any]:
+    if s.count == 0:
+        raise StatsError(f"stats layer {s.name} counted no activation")
+    m = s.mean
+    median = float(np.median(m))
+    dead = m <= dead_threshold
+    near = ~dead & (m < NEAR_DEAD_FRACTION * median)
+    live = m[~dead]
+    return {
+        "name": s.name,
+        "filters": s.channels,
+        "dead": int(dead.sum()),
+        "near_dead": int(near.sum()),
+        "dead_filters": np.flatnonzero(dead).tolist(),
+        "near_dead_filters": np.flatnonzero(near).tolist(),
+        "mean_min": float(m.min()),
+        "mean_median": median,
+        "mean_max": float(m.max()),
+        "live_min": float(live.min()) if live.size else None,
+    }
+
+
+#: Relative slack for ``sum^2 <= count * sumsq`` (Cauchy-Schwarz): both sides are float64 sums of
+#: up to ~1e12 terms whose rounding stays far below 1e-6 relative.
+_CS_SLACK = 1e-6
+#: Squares of values below sqrt(smallest normal float64) underflow, so sumsq can read 0 for them.
+_TINY = float(np.sqrt(np.finfo(np.float64).tiny))
+
+
+def validate(record: StatsRecord, where: str = "stats") -> None:
+    """Refuse statistics no real run can produce (a damaged or edited file).
+
+    Every sum and sum of squares is finite and >= 0 (activations are post-ReLU), counts are
+    >= 0 and > 0 in a complete run, a layer that counted nothing has zero sums, and
+    ``sum^2 <= count * sumsq`` per filter (Cauchy-Schwarz).
+
+    Raises:
+        StatsError: naming the file, the layer and what is wrong.
+    """
+    for s in record.layers:
+        bad = _damage(s, record.meta.complete)
+        if bad:
+            raise StatsError(f"{where}: layer {s.name}: {bad}; the stats file is damaged")
+
+
+def _damage(s: LayerStats, complete: bool) -> str | None:
+    if not (np.all(np.isfinite(s.sum)) and np.all(np.isfinite(s.sumsq))):
+        return "NaN or infinite sums"
+    if np.any(s.sum < 0) or np.any(s.sumsq < 0):
+        return "negative sums of post-ReLU activations"
+    if s.count == 0 and (np.any(s.sum) or np.any(s.sumsq)):
+        return "sums without any counted value"
+    if complete and s.count == 0:
+        return "no counted value in a complete run"
+    if np.any(s.sum > np.sqrt(float(s.count)) * (np.sqrt(s.sumsq) * (1 + _CS_SLACK) + _TINY)):
+        return "sums of squares too small for the sums and count (sum^2 > count * sumsq)"
+    return None
+
+
+def same_settings(a: StatsMeta, b: StatsMeta) -> list[str]:
+    """Names of the settings in which two runs differ."""
+    sa, sb = a.settings(), b.settings()
+    return [k for k in sa if sa[k] != sb[k]]
+
+
+def stats_by_conv(record: StatsRecord, convs: Sequence[tuple[str, int]]) -> dict[str, LayerStats]:
+    """The record's layers matched to the model's ``(conv name, filters)`` by position: names
+    differ between formats (``block1_conv1`` vs ``conv2d``); the fingerprint ties the weights."""
+    if not record.meta.complete:
+        raise StatsError("the stats file is from an unfinished run", fix="resume")
+    if len(record.layers) != len(convs):
+        raise StatsError(
+            f"stats cover {len(record.layers)} conv layers but the model has {len(convs)}"
+        )
+    out = {}
+    for layer_stats, (name, filters) in zip(record.layers, convs, strict=True):
+        if layer_stats.channels != filters:
+            raise StatsError(
+                f"stats layer {layer_stats.name} has {layer_stats.channels} filters, "
+                f"the model's {name} has {filters}"
+            )
+        if layer_stats.count == 0:
+            raise StatsError(f"stats layer {layer_stats.name} counted no activation")
+        out[name] = layer_stats
+    return out
