@@ -1,6 +1,6 @@
 """Pytest setup shared by every test module.
 
-Hypothesis writes nothing into the work tree (STYLE.md practice 11): no example database (failing
+Hypothesis writes nothing into the work tree: no example database (failing
 examples are still printed with ``@reproduce_failure`` and the seed), and its other storage (the
 ``constants`` cache it keeps under ``./.hypothesis``) goes to a folder in the system temp directory.
 """

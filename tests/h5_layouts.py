@@ -3,7 +3,7 @@
 The fast lane (``pytest -m "not keras"``) tests the file-format and config logic on these. Each
 writer reproduces what Keras 3.15.1 (or the keras.applications download, or Keras 2) writes, down
 to HDF5 attribute types: structures were printed from real Keras files with ``h5py.visititems``
-(DESIGN.md section 2) and are summarised on each writer.
+(docs/formats.md) and are summarised on each writer.
 
 A model is described as data: :class:`Layer` objects with a Keras class name, a config dict in the
 shape Keras 3.15 writes, and weights as ``(role, array)`` pairs in Keras's weight order; containers

@@ -2,7 +2,7 @@
 
 Each ``save_*`` function takes a built Keras model with weights and a
 ``pathlib.Path`` and returns the path it wrote. The layouts (see
-DESIGN.md section 2, checked against Keras 3.15.1):
+docs/formats.md, checked against Keras 3.15.1):
 
 - ``save_downloaded_layout``: the files ``keras.applications`` downloads
   (``vgg16_weights_tf_dim_ordering_tf_kernels(_notop).h5``): root attr

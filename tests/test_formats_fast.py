@@ -375,7 +375,7 @@ def test_write_keeps_float64_datasets_and_refuses_another_dtype(tmp_path, out_di
 
 def expected_after(model_arrays: dict[str, np.ndarray], bound, means: dict[str, np.ndarray],
                    dead: float = 1e-8) -> dict[str, np.ndarray]:  # fmt: skip
-    """DESIGN.md section 1, written out independently of vggnorm.core.rescale, in float64."""
+    """The rescaling of docs/architecture.md, written out independently of vggnorm.core.rescale, in float64."""
     out = {k: v.astype(np.float64) for k, v in model_arrays.items()}
     prev = None
     for c in bound.arch.convs:

@@ -1,4 +1,4 @@
-"""vggnorm.core.rescale against a pure-numpy reference ReLU conv stack (DESIGN.md section 1)."""
+"""vggnorm.core.rescale against a pure-numpy reference ReLU conv stack (docs/architecture.md, the math)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""vggnorm.core.stats: streaming per-filter sums are exact whatever the batching (DESIGN.md section 1)."""
+"""vggnorm.core.stats: streaming per-filter sums are exact whatever the batching (docs/architecture.md, the math)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""vggnorm.formats.statsfile: exact round trips, clear refusals, atomic writes (DESIGN.md section 4)."""
+"""vggnorm.formats.statsfile: exact round trips, clear refusals, atomic writes (docs/files.md)."""
 
 from __future__ import annotations
 

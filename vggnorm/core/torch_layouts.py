@@ -1,7 +1,6 @@
 """PyTorch VGG state-dict layouts as data, and exact transforms to and from vggnorm's arrays.
 
-Pure numpy: no torch import, no files (STYLE.md practices 1 and 13). Three layouts exist in the
-wild (DESIGN.md section 7):
+Pure numpy: no torch import, no files. Three layouts exist in the wild (docs/formats.md):
 
 ``torchvision``
     ``features.N.weight`` (OIHW) / ``features.N.bias``, N = the index in the ``features``

@@ -6,7 +6,7 @@ every batch to the full batch size), so a block's sums are exactly the sums of i
 Each worker is a Ray actor that builds the network once (:func:`vggnorm.runtime.measure.feature_net`, the
 weights sent once through the object store) and runs :func:`vggnorm.runtime.measure.measure` over a
 block, adding its per-batch :class:`~vggnorm.runtime.measure.Counted` with ``plus``: the single-process
-step, only elsewhere (STYLE.md 14). The driver yields blocks in block order, holding back those
+step, only elsewhere. The driver yields blocks in block order, holding back those
 that finish early, so the sums are the single-process run's to float64 rounding for any number
 of workers, and the stats file written after each yielded block is a valid checkpoint.
 
