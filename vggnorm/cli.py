@@ -187,6 +187,11 @@ def _add_stats(command: Any) -> None:
         "gather per-filter activation statistics over an image dataset",
         "Stream images through the VGG conv layers and record, per filter, the exact float64 sum "
         "and sum of squares of its post-ReLU activations.")  # fmt: skip
+    for add in (_stats_data_args, _stats_model_args, _stats_image_args, _stats_run_args):
+        add(p)
+
+def _stats_data_args(p: argparse.ArgumentParser) -> None:
+    """``stats`` options: data."""
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -219,6 +224,10 @@ def _add_stats(command: Any) -> None:
         action="store_true",
         help="fail on the first unusable image instead of skipping it",
     )
+
+
+def _stats_model_args(p: argparse.ArgumentParser) -> None:
+    """``stats`` options: model."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--weights",
@@ -227,6 +236,10 @@ def _add_stats(command: Any) -> None:
         ".pth, .pt); default: Keras's ImageNet weights, downloaded and cached like "
         "keras.applications",
     )
+
+
+def _stats_image_args(p: argparse.ArgumentParser) -> None:
+    """``stats`` options: how images are decoded and fed."""
     g = p.add_argument_group("images")
     g.add_argument(
         "--size",
@@ -262,6 +275,10 @@ def _add_stats(command: Any) -> None:
         "--size) before the resize: faster, but moves per-filter means by 0.4-1.3%% "
         "median per layer on VGG16 (default: full decode, the standard statistics)",
     )
+
+
+def _stats_run_args(p: argparse.ArgumentParser) -> None:
+    """``stats`` options: run."""
     g = p.add_argument_group("run")
     g.add_argument(
         "--out",

@@ -39,7 +39,6 @@ def draw_report(
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
     except ImportError as e:
         raise ImportError("the report figure needs matplotlib: pip install 'vggnorm[plot]'") from e
 
@@ -67,29 +66,7 @@ def draw_report(
     # Room below 1 too: the legend goes under the "after" panel's line at 1.
     ax_before.set_ylim(min(float(live.min()), 1e-2) / 3, float(live.max()) * 40)
     # Every live filter sits at 1 after normalization: the space below is free for the legend.
-    ax_after.legend(
-        handles=[
-            Line2D([], [], ls="none", marker="o", ms=4, color="#08519c", label="live filter"),
-            Line2D(
-                [],
-                [],
-                ls="none",
-                marker="o",
-                ms=4,
-                color="#e6550d",
-                label=f"near-dead (mean < {NEAR_DEAD_FRACTION:g} x layer median)",
-            ),
-            Line2D(
-                [],
-                [],
-                ls="none",
-                label=f"red, at the top: counts of dead filters\n(mean <= {dead_threshold:g}, "
-                "off the log axis) and near-dead ones",
-            ),
-        ],
-        loc="lower center",
-        fontsize=8,
-    )
+    ax_after.legend(handles=_means_legend(dead_threshold), loc="lower center", fontsize=8)
     ax_after.axhline(1.0, color="0.5", lw=0.8, ls="--", zorder=0)
     ax_after.tick_params(labelleft=False)
     fig.suptitle(
@@ -102,6 +79,19 @@ def draw_report(
         _loss_panel(fig.add_subplot(bottom[0, 1]), style, "content", "content loss (feature L2)")
     with atomic_path(Path(out_png)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
+
+
+def _means_legend(dead_threshold: float) -> list[Any]:
+    from matplotlib.lines import Line2D
+
+    near = f"near-dead (mean < {NEAR_DEAD_FRACTION:g} x layer median)"
+    dead = (f"red, at the top: counts of dead filters\n(mean <= {dead_threshold:g}, off the log "
+            "axis) and near-dead ones")  # fmt: skip
+    return [
+        Line2D([], [], ls="none", marker="o", ms=4, color="#08519c", label="live filter"),
+        Line2D([], [], ls="none", marker="o", ms=4, color="#e6550d", label=near),
+        Line2D([], [], ls="none", label=dead),
+    ]
 
 
 def _means_panel(

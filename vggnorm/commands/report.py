@@ -86,11 +86,7 @@ def style_content_spread(
     from ..core.inputs import Preprocess
     from ..runtime.network import FeatureNet
 
-    images = np.asarray(images_uint8)
-    if images.ndim != 4 or images.shape[0] != 2 or images.shape[3] != 3:
-        raise ValueError(f"expected a pair of RGB images (2, size, size, 3), got {images.shape}")
-    if images.shape[1] != images.shape[2] or images.dtype != np.uint8:
-        raise ValueError(f"images must be square uint8, got {images.shape} {images.dtype}")
+    images = _image_pair(images_uint8)
     size = int(images.shape[1])
     features = arch.without_head()
     if norm_arrays is None:
@@ -108,15 +104,24 @@ def style_content_spread(
             f"{worst:.3g} of a layer's largest activation: they are not this model normalized "
             "with these statistics"
         )
-    before = loss_magnitudes(
-        {n: a[0] for n, a in zip(names, orig)}, {n: a[1] for n, a in zip(names, orig)}
-    )
-    after = loss_magnitudes(
-        {n: a[0] for n, a in zip(names, norm)}, {n: a[1] for n, a in zip(names, norm)}
-    )
-    table = spread_table(before, after)
+    table = spread_table(_pair_losses(names, orig), _pair_losses(names, norm))
     table.update(function_rel_err=worst, size=size, preprocess=preprocess)
     return table
+
+
+def _image_pair(images_uint8: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+    images = np.asarray(images_uint8)
+    if images.ndim != 4 or images.shape[0] != 2 or images.shape[3] != 3:
+        raise ValueError(f"expected a pair of RGB images (2, size, size, 3), got {images.shape}")
+    if images.shape[1] != images.shape[2] or images.dtype != np.uint8:
+        raise ValueError(f"images must be square uint8, got {images.shape} {images.dtype}")
+    return images
+
+
+def _pair_losses(names: Sequence[str], acts: Sequence[np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per layer, the losses between the two images of a batch's activations."""
+    return loss_magnitudes({n: a[0] for n, a in zip(names, acts)},
+                           {n: a[1] for n, a in zip(names, acts)})  # fmt: skip
 
 
 

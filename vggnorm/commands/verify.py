@@ -100,10 +100,8 @@ def verify(
     record = inputs.record
     full = seen == record.n_images
     if not full:
-        notes.append(
-            f"means re-measured on {seen} of the {record.n_images} stats images: they are expected "
-            "near 1, not exactly 1, so the means check is not judged"
-        )
+        notes.append(f"means re-measured on {seen} of the {record.n_images} stats images: they "
+                     "are expected near 1, not exactly 1, so the means check is not judged")  # fmt: skip
     means_tol = MEANS_TOL.get(record.meta.precision, MEANS_TOL["bf16"])
     checks = tuple(
         judge_layer(conv, worst[conv], ls, before, inputs.scales, means_tol, full)

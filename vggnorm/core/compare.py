@@ -249,10 +249,7 @@ def compare_weights(
         >>> r.is_rescaling, r.scales["c"].tolist()
         (True, [2.0, 4.0])
     """
-    missing = tuple(sorted(
-        f"{name}/kernel" for name in [*conv_layers, *([head_dense] if head_dense else [])]
-        if f"{name}/kernel" not in a or f"{name}/kernel" not in b
-    ))  # fmt: skip
+    missing = _missing(a, b, [*conv_layers, *([head_dense] if head_dense else [])])
     dtypes = [np.asarray(v).dtype for m in (a, b) for v in m.values()]
     tolerance = ratio_tolerance(dtypes, len(conv_layers))
     if missing:
@@ -268,12 +265,22 @@ def compare_weights(
     if head_dense is not None and prev is not None:
         head = _compare_head(a, b, head_dense, prev, flatten, tiny)
         touched |= {f"{head_dense}/kernel", f"{head_dense}/bias"}
-    other = tuple(sorted(
+    return CompareReport(tuple(layers), tolerance, head, _changed(a, b, touched), ())
+
+
+def _missing(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], layers: Sequence[str]) -> tuple[str, ...]:
+    """The kernels of ``layers`` that one of the two sets lacks."""
+    keys = (f"{name}/kernel" for name in layers)
+    return tuple(sorted(k for k in keys if k not in a or k not in b))
+
+
+def _changed(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], touched: set[str]) -> tuple[str, ...]:
+    """Keys outside ``touched`` that differ between the sets (or are in one only)."""
+    return tuple(sorted(
         k for k in set(a) | set(b)
         if k not in touched
         and (k not in a or k not in b or not np.array_equal(np.asarray(a[k]), np.asarray(b[k])))
     ))  # fmt: skip
-    return CompareReport(tuple(layers), tolerance, head, other, ())
 
 
 def _flushed(x: npt.ArrayLike, tiny: float) -> F64:

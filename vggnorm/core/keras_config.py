@@ -12,6 +12,7 @@ layer's name and the reason.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from .archs import (
@@ -123,92 +124,117 @@ def arch_from_config(config: dict[str, Any], wf: WeightFile) -> Arch:
     layers = list(_layers(config))
     if not layers:
         raise ArchitectureError(f"{wf.path}: the model config lists no layers")
-    features: list[FeatureLayer] = []
-    head_reduce: str | None = None
-    head: list[HeadLayer] = []
-    pending_conv: dict[str, Any] | None = None  # a linear conv waiting for its ReLU
-    pending_norm: NormSpec | None = None  # a BatchNormalization between that conv and its ReLU
+    chain = _Chain()
     for layer in layers:
         cls, cfg = layer.get("class_name", "?"), layer.get("config", {})
-        name = cfg.get("name", "?")
-        if cls in _UNSAFE:
+        _refuse_unsafe(layer, cls, cfg)
+        chain.add(layer, cls, cfg, str(cfg.get("name", "?")))
+    if chain.pending_conv is not None:
+        raise ArchitectureError(f"conv layer {chain.pending_conv['name']!r} has no ReLU after it")
+    if not any(isinstance(f, ConvSpec) for f in chain.features):
+        raise ArchitectureError(f"{wf.path}: no Conv2D layer in the model config")
+    spec = None
+    if chain.head_reduce is not None and chain.head:
+        size = _input_size(layers) if chain.head_reduce == "flatten" else None
+        spec = HeadSpec(chain.head_reduce, tuple(chain.head), size)  # type: ignore[arg-type]
+    name = str(config.get("config", {}).get("name", "model"))
+    return Arch(name, tuple(chain.features), spec)
+
+
+def _refuse_unsafe(layer: dict[str, Any], cls: str, cfg: dict[str, Any]) -> None:
+    """Layers no rescaling can follow: code to run, merges, channels-first data."""
+    name = cfg.get("name", "?")
+    if cls in _UNSAFE:
+        raise ArchitectureError(
+            f"layer {name!r} is a {cls}: its code would have to run; vggnorm never executes "
+            "code from a model file"
+        )
+    if _inbound(layer) > 1:
+        raise ArchitectureError(
+            f"layer {name!r} ({cls}) merges several inputs (a residual or branch): the "
+            "rescaling is exact only for a plain chain"
+        )
+    if cfg.get("data_format", "channels_last") != "channels_last":
+        raise ArchitectureError(f"layer {name!r} is channels_first, which is not supported")
+
+
+@dataclass
+class _Chain:
+    """The architecture as the config's layers are read, one at a time."""
+
+    features: list[FeatureLayer] = field(default_factory=list)
+    head_reduce: str | None = None
+    head: list[HeadLayer] = field(default_factory=list)
+    pending_conv: dict[str, Any] | None = None  # a linear conv waiting for its ReLU
+    pending_norm: NormSpec | None = None  # a BatchNormalization between that conv and its ReLU
+
+    def add(self, layer: dict[str, Any], cls: str, cfg: dict[str, Any], name: str) -> None:
+        if self.head_reduce is not None:
+            self._add_head(cls, cfg, name)
+        elif self.pending_conv is None or not self._close_conv(layer, cls, cfg, name):
+            self._add_feature(cls, cfg, name)
+
+    def _add_head(self, cls: str, cfg: dict[str, Any], name: str) -> None:
+        if cls == "Dense":
+            units, bias = int(cfg["units"]), bool(cfg.get("use_bias", True))
+            self.head.append(DenseSpec(name, units, _activation(cfg, name), bias))
+        elif cls in _IDENTITY:
+            pass
+        elif not self.head:
             raise ArchitectureError(
-                f"layer {name!r} is a {cls}: its code would have to run; vggnorm never executes "
-                "code from a model file"
+                f"layer {name!r} ({cls}) sits between the last conv block and the first "
+                "Dense; only pooling, Flatten and Dropout may sit there"
             )
-        if _inbound(layer) > 1:
+        else:
+            self.head.append(_head_layer(cls, cfg, name))
+
+    def _close_conv(self, layer: dict[str, Any], cls: str, cfg: dict[str, Any], name: str) -> bool:
+        """Whether ``layer`` belongs to the pending linear conv (its ReLU, its BatchNorm, or an
+        identity between them)."""
+        assert self.pending_conv is not None
+        if _is_relu(layer):
+            self.features.append(_conv(self.pending_conv, self.pending_norm))
+            self.pending_conv, self.pending_norm = None, None
+            return True
+        if cls == "BatchNormalization" and self.pending_norm is None and _channel_axis(cfg):
+            self.pending_norm = _norm(cfg, name)
+            return True
+        if cls not in _IDENTITY:
             raise ArchitectureError(
-                f"layer {name!r} ({cls}) merges several inputs (a residual or branch): the "
-                "rescaling is exact only for a plain chain"
+                f"conv layer {self.pending_conv['name']!r} is followed by {name!r} ({cls}), not "
+                "a ReLU: the rescaling needs a ReLU right after every conv"
             )
-        if cfg.get("data_format", "channels_last") != "channels_last":
-            raise ArchitectureError(f"layer {name!r} is channels_first, which is not supported")
-        if head_reduce is not None:
-            if cls == "Dense":
-                units, bias = int(cfg["units"]), bool(cfg.get("use_bias", True))
-                head.append(DenseSpec(name, units, _activation(cfg, name), bias))
-            elif cls in _IDENTITY:
-                pass
-            elif not head:
-                raise ArchitectureError(
-                    f"layer {name!r} ({cls}) sits between the last conv block and the first "
-                    "Dense; only pooling, Flatten and Dropout may sit there"
-                )
-            else:
-                head.append(_head_layer(cls, cfg, name))
-            continue
-        if pending_conv is not None:
-            if _is_relu(layer):
-                features.append(_conv(pending_conv, pending_norm))
-                pending_conv, pending_norm = None, None
-                continue
-            if cls == "BatchNormalization" and pending_norm is None and _channel_axis(cfg):
-                pending_norm = _norm(cfg, name)
-                continue
-            if cls not in _IDENTITY:
-                raise ArchitectureError(
-                    f"conv layer {pending_conv['name']!r} is followed by {name!r} ({cls}), not a "
-                    "ReLU: the rescaling needs a ReLU right after every conv"
-                )
+        return False
+
+    def _add_feature(self, cls: str, cfg: dict[str, Any], name: str) -> None:
         if cls == "Conv2D":
-            if int(cfg.get("groups", 1)) != 1 or _pair(cfg.get("dilation_rate", 1)) != (1, 1):
-                raise ArchitectureError(
-                    f"conv layer {name!r}: grouped or dilated convs are not supported"
-                )
-            act = _activation(cfg, name)
-            if act == "relu":
-                features.append(_conv(cfg))
-            elif act == "linear":
-                pending_conv = cfg
-            else:
-                raise ArchitectureError(
-                    f"conv layer {name!r} uses activation {act!r}; the rescaling is exact only "
-                    "for ReLU (positively homogeneous)"
-                )
+            self._add_conv(cfg, name)
         elif cls in _POOLS:
-            features.append(
+            self.features.append(
                 PoolSpec(name, _POOLS[cls], _pair(cfg.get("pool_size", 2)),  # type: ignore[arg-type]
                          _pair(cfg.get("strides") or cfg.get("pool_size", 2)), cfg.get("padding", "valid"))
             )  # fmt: skip
         elif cls in _REDUCE:
-            head_reduce = _REDUCE[cls]
-        elif cls in _IDENTITY:
-            continue
-        else:
+            self.head_reduce = _REDUCE[cls]
+        elif cls not in _IDENTITY:
             raise ArchitectureError(
                 f"layer {name!r} ({cls}) cannot be normalized exactly (supported: Conv2D+ReLU, "
                 "pooling, Dropout, then Flatten/global pooling and Dense layers)"
             )
-    if pending_conv is not None:
-        raise ArchitectureError(f"conv layer {pending_conv['name']!r} has no ReLU after it")
-    if not any(isinstance(f, ConvSpec) for f in features):
-        raise ArchitectureError(f"{wf.path}: no Conv2D layer in the model config")
-    spec = None
-    if head_reduce is not None and head:
-        size = _input_size(layers) if head_reduce == "flatten" else None
-        spec = HeadSpec(head_reduce, tuple(head), size)  # type: ignore[arg-type]
-    name = str(config.get("config", {}).get("name", "model"))
-    return Arch(name, tuple(features), spec)
+
+    def _add_conv(self, cfg: dict[str, Any], name: str) -> None:
+        if int(cfg.get("groups", 1)) != 1 or _pair(cfg.get("dilation_rate", 1)) != (1, 1):
+            raise ArchitectureError(f"conv layer {name!r}: grouped or dilated convs are not supported")
+        act = _activation(cfg, name)
+        if act == "relu":
+            self.features.append(_conv(cfg))
+        elif act == "linear":
+            self.pending_conv = cfg
+        else:
+            raise ArchitectureError(
+                f"conv layer {name!r} uses activation {act!r}; the rescaling is exact only "
+                "for ReLU (positively homogeneous)"
+            )
 
 
 def _head_layer(cls: str, cfg: dict[str, Any], name: str) -> HeadLayer:

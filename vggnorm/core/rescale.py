@@ -127,44 +127,58 @@ def rescale(
     prev: F64 | None = None
     for name in scales.layers:
         s = scales.values[name] ** power
-        kernel = _checked(weights, f"{name}/kernel", 4)
-        if kernel.shape[3] != s.shape[0]:
-            raise ValueError(f"{name}: {kernel.shape[3]} filters but {s.shape[0]} scales")
-        k = kernel.astype(np.float64)
-        if prev is not None:
-            if kernel.shape[2] != prev.shape[0]:
-                raise ValueError(
-                    f"{name}: {kernel.shape[2]} input channels but the previous conv has "
-                    f"{prev.shape[0]} filters; the convs are not a chain"
-                )
-            k = k * prev[None, None, :, None]
-        out[f"{name}/kernel"] = (k / s[None, None, None, :]).astype(kernel.dtype)
-        if f"{name}/bias" in weights:
-            bias = _checked(weights, f"{name}/bias", 1)
-            out[f"{name}/bias"] = (bias.astype(np.float64) / s).astype(bias.dtype)
-        if norms and name in norms:
-            for key in (f"{norms[name]}/beta", f"{norms[name]}/moving_mean"):
-                if key in weights:
-                    w = _checked(weights, key, 1)
-                    out[key] = (w.astype(np.float64) / s).astype(w.dtype)
+        out.update(_conv_rescaled(weights, name, s, prev, (norms or {}).get(name)))
         prev = s
     if head_dense is not None and prev is not None:
-        kernel = _checked(weights, f"{head_dense}/kernel", 2)
-        rows, channels = kernel.shape[0], prev.shape[0]
-        if rows % channels:
-            raise ValueError(
-                f"{head_dense}: {rows} input rows is not a multiple of the last conv's "
-                f"{channels} filters"
-            )
-        if head_reduce != "flatten" and rows != channels:
-            raise ValueError(
-                f"{head_dense}: {rows} input rows after global pooling, expected {channels}"
-            )
-        row_scale = flatten_row_scale(prev, rows, flatten_order)
-        out[f"{head_dense}/kernel"] = (kernel.astype(np.float64) * row_scale[:, None]).astype(
-            kernel.dtype
+        out[f"{head_dense}/kernel"] = _head_compensated(
+            weights, head_dense, prev, head_reduce, flatten_order
         )
     return out
+
+
+def _divided(weights: Mapping[str, np.ndarray], key: str, s: F64) -> np.ndarray:
+    """A 1-D array divided by the scales in float64, cast back to its dtype."""
+    w = _checked(weights, key, 1)
+    return (w.astype(np.float64) / s).astype(w.dtype)
+
+
+def _conv_rescaled(
+    weights: Mapping[str, np.ndarray], name: str, s: F64, prev: F64 | None, norm: str | None
+) -> dict[str, np.ndarray]:
+    """Conv ``name``'s new arrays: filters divided by ``s``, input channels multiplied by the
+    previous conv's ``prev``, and its BatchNorm's ``beta``/``moving_mean`` divided by ``s``."""
+    kernel = _checked(weights, f"{name}/kernel", 4)
+    if kernel.shape[3] != s.shape[0]:
+        raise ValueError(f"{name}: {kernel.shape[3]} filters but {s.shape[0]} scales")
+    k = kernel.astype(np.float64)
+    if prev is not None:
+        if kernel.shape[2] != prev.shape[0]:
+            raise ValueError(
+                f"{name}: {kernel.shape[2]} input channels but the previous conv has "
+                f"{prev.shape[0]} filters; the convs are not a chain"
+            )
+        k = k * prev[None, None, :, None]
+    out = {f"{name}/kernel": (k / s[None, None, None, :]).astype(kernel.dtype)}
+    keys = [f"{name}/bias"] + ([f"{norm}/beta", f"{norm}/moving_mean"] if norm else [])
+    out.update({key: _divided(weights, key, s) for key in keys if key in weights})
+    return out
+
+
+def _head_compensated(
+    weights: Mapping[str, np.ndarray], dense: str, s_last: F64, reduce: Reduce | None,
+    order: FlattenOrder,
+) -> np.ndarray:  # fmt: skip
+    """The first Dense's kernel with its input rows multiplied by the last conv's scales."""
+    kernel = _checked(weights, f"{dense}/kernel", 2)
+    rows, channels = kernel.shape[0], s_last.shape[0]
+    if rows % channels:
+        raise ValueError(
+            f"{dense}: {rows} input rows is not a multiple of the last conv's {channels} filters"
+        )
+    if reduce != "flatten" and rows != channels:
+        raise ValueError(f"{dense}: {rows} input rows after global pooling, expected {channels}")
+    row_scale = flatten_row_scale(s_last, rows, order)
+    return (kernel.astype(np.float64) * row_scale[:, None]).astype(kernel.dtype)
 
 
 def flatten_row_scale(channel_scale: npt.ArrayLike, rows: int, order: FlattenOrder = "hwc") -> F64:

@@ -226,9 +226,6 @@ def run_guarded(
             or did not finish within ``timeout`` (then it has been killed with SIGKILL).
         KeyboardInterrupt: after killing the child.
 
-    Example:
-        >>> from vggnorm.formats.keras_h5 import read
-        >>> ws = run_guarded(read, "vgg16.h5", what="vgg16.h5")  # doctest: +SKIP
     """
     if timeout is None:
         timeout = read_timeout(what, error)
@@ -244,36 +241,7 @@ def run_guarded(
     try:
         proc.start()
         send_conn.close()
-        ready = wait([recv_conn, proc.sentinel], timeout)
-        if not ready:
-            raise error(
-                f"{what}: reading took more than {timeout:g} s; the file is probably damaged "
-                f"(HDF5 library hung); set {TIMEOUT_ENV} to allow longer"
-            )
-        try:
-            stream, sizes = recv_conn.recv()
-        except (EOFError, OSError):
-            proc.join()
-            code = proc.exitcode
-            why = (
-                f"the reader crashed: {_signal_name(-code)}"
-                if code is not None and code < 0
-                else f"the reader exited with status {code}"
-            )
-            if code == -signal.SIGKILL:
-                why += ", perhaps out of memory"
-            raise error(f"{what}: unreadable or damaged file ({why})") from None
-        try:
-            buffers: list[memoryview] = []
-            if sum(sizes):
-                # The arrays become views of a mapping of the scratch file the child filled:
-                # no copy on this side; the memory goes when the last array does.
-                whole = memoryview(mmap.mmap(scratch, sum(sizes)))
-                starts = [0, *itertools.accumulate(sizes)]
-                buffers = [whole[a : a + n] for a, n in zip(starts, sizes)]
-            kind, value = pickle.loads(stream, buffers=buffers)
-        except Exception as e:  # e.g. an exception class that does not unpickle
-            kind, value = "other", f"result could not be read back: {_reason(e)}"
+        kind, value = _receive(proc, recv_conn, scratch, timeout, what, error)
     finally:
         if proc.pid is not None:  # started
             if proc.is_alive():
@@ -283,9 +251,50 @@ def run_guarded(
         recv_conn.close()
         send_conn.close()
         os.close(scratch)
+    return _result(kind, value, what, error)  # type: ignore[no-any-return]
+
+
+def _receive(
+    proc: Any, conn: Connection, scratch: int, timeout: float, what: Path | str,
+    error: type[VggnormError],
+) -> tuple[str, Any]:  # fmt: skip
+    """The child's ``(kind, value)``, or ``error`` when it hangs past ``timeout`` or dies."""
+    if not wait([conn, proc.sentinel], timeout):
+        raise error(
+            f"{what}: reading took more than {timeout:g} s; the file is probably damaged "
+            f"(HDF5 library hung); set {TIMEOUT_ENV} to allow longer"
+        )
+    try:
+        stream, sizes = conn.recv()
+    except (EOFError, OSError):
+        proc.join()
+        code = proc.exitcode
+        why = (
+            f"the reader crashed: {_signal_name(-code)}"
+            if code is not None and code < 0
+            else f"the reader exited with status {code}"
+        )
+        if code == -signal.SIGKILL:
+            why += ", perhaps out of memory"
+        raise error(f"{what}: unreadable or damaged file ({why})") from None
+    try:
+        buffers: list[memoryview] = []
+        if sum(sizes):
+            # The arrays become views of a mapping of the scratch file the child filled:
+            # no copy on this side; the memory goes when the last array does.
+            whole = memoryview(mmap.mmap(scratch, sum(sizes)))
+            starts = [0, *itertools.accumulate(sizes)]
+            buffers = [whole[a : a + n] for a, n in zip(starts, sizes)]
+        kind, value = pickle.loads(stream, buffers=buffers)
+    except Exception as e:  # e.g. an exception class that does not unpickle
+        kind, value = "other", f"result could not be read back: {_reason(e)}"
+    return kind, value
+
+
+def _result(kind: str, value: Any, what: Path | str, error: type[VggnormError]) -> Any:
+    """The child's result, or its error as one line naming ``what``."""
     if kind == "ok":
-        result: T = value
-        return result
+        return value
     if kind == "vggnorm":
         message = str(value)
         if "\n" in message or str(what) not in message:

@@ -142,17 +142,34 @@ def output_lock(target: Path, what: str = "") -> Iterator[None]:
     Raises:
         OutputError: another live run holds the lock (its pid, host, start and command named).
     """
-    import fcntl
-    import json
-    import socket
-    import sys
-    import time
-
     lock = target.parent / f".{target.name}.lock"
     key = str(lock.resolve())
     if key in _HELD:  # this process already holds it (a command and the writer it calls)
         yield
         return
+    fd = _acquire(lock, target)
+    try:
+        _announce(fd, what)
+        for stale in _temp_names(target):
+            with contextlib.suppress(OSError):
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
+        _HELD.add(key)
+        yield
+    finally:
+        _HELD.discard(key)
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+def _acquire(lock: Path, target: Path) -> int:
+    """An open descriptor of ``lock`` holding its exclusive ``flock``."""
+    import fcntl
+    import json
+
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
@@ -178,27 +195,22 @@ def output_lock(target: Path, what: str = "") -> Iterator[None]:
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return fd
         os.close(fd)
-    try:
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": what or " ".join(sys.argv),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode("utf8"), 0)
-        for stale in _temp_names(target):
-            with contextlib.suppress(OSError):
-                if stale.is_dir() and not stale.is_symlink():
-                    shutil.rmtree(stale)
-                else:
-                    stale.unlink()
-        _HELD.add(key)
-        yield
-    finally:
-        _HELD.discard(key)
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        os.close(fd)
+
+
+def _announce(fd: int, what: str) -> None:
+    """Write who holds the lock into it, for the message a second run shows."""
+    import json
+    import socket
+    import sys
+    import time
+
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": what or " ".join(sys.argv),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode("utf8"), 0)

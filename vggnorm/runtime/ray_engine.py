@@ -244,8 +244,6 @@ class RayEngine:
     ) -> Generator[Counted, None, None]:  # fmt: skip
         """Blocks of ``items[start:]`` on the workers, up to ``DEPTH`` queued on each, yielded in
         block order (those that finish early wait in ``done``)."""
-        from ray.exceptions import RayActorError, RayTaskError
-
         n, opts, threads = self._plan(ray)
         cls = ray.remote(Worker).options(**opts)
         # Weights and item list once into the object store; the dataset without its item list.
@@ -253,7 +251,6 @@ class RayEngine:
                 batch_size)  # fmt: skip
         self.slots = [self._start(ray, cls, args) for _ in range(n)]
         self._check(ray, self.slots, ds)
-
         size = self.block_batches * batch_size
         pending = list(range(start, len(items), size))  # block starts not yet submitted
         pending.reverse()
@@ -267,47 +264,65 @@ class RayEngine:
                 position = counted.end
                 yield counted
                 continue
-            while pending:  # the least busy worker first, so blocks spread over all of them
-                free = [x for x in self.slots if not x.dead and x.inflight < DEPTH]
-                if not free:
-                    break
-                slot = min(free, key=lambda x: x.inflight)
-                s = pending.pop()
-                ref = slot.handle.block.remote(s, min(s + size, len(items)), batch_size, strict)
-                refs[ref] = (s, slot)
-                slot.inflight += 1
+            self._submit(pending, refs, size, len(items), batch_size, strict)
             ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:
                 s, slot = refs.pop(ref)
                 slot.inflight -= 1
-                try:
-                    counted, info = ray.get(ref)
-                except RayTaskError as e:
-                    cause = getattr(e, "cause", None)
-                    if isinstance(cause, VggnormError):
-                        raise cause from None
-                    raise VggnormError(
-                        f"Ray worker on node {slot.where.get('node_ip', '?')} failed on the "
-                        f"block at image {s}: {str(e).splitlines()[0]}"
-                    ) from e
-                except RayActorError as e:  # Ray gave up on the worker: retry elsewhere
-                    attempts[s] = attempts.get(s, 0) + 1
-                    if attempts[s] >= BLOCK_ATTEMPTS:
-                        raise VggnormError(
-                            f"the block at image {s} failed {attempts[s]} times on Ray workers "
-                            f"(last: {str(e).splitlines()[0]})"
-                        ) from e
+                result = self._collect(ray, ref, s, slot, attempts)
+                if result is None:  # Ray gave up on the worker: retry the block elsewhere
                     pending.append(s)  # first in line again
                     slot.dead = True
                     if not slot.inflight:  # its other queued blocks have come back too
                         self._replace(ray, cls, args, slot, ds)
                     continue
-                done[s] = counted
-                slot.images += len(counted.images)
-                slot.skipped += len(counted.skipped)
-                slot.seconds += info["seconds"]
-                slot.pids.add(info["pid"])
+                done[s] = result
         self._summarize(time.monotonic() - t0)
+
+    def _submit(
+        self, pending: list[int], refs: dict[Any, tuple[int, _Slot]], size: int, n_items: int,
+        batch_size: int, strict: bool,
+    ) -> None:  # fmt: skip
+        """Queue pending blocks on the least busy workers, so blocks spread over all of them."""
+        while pending:
+            free = [x for x in self.slots if not x.dead and x.inflight < DEPTH]
+            if not free:
+                return
+            slot = min(free, key=lambda x: x.inflight)
+            s = pending.pop()
+            ref = slot.handle.block.remote(s, min(s + size, n_items), batch_size, strict)
+            refs[ref] = (s, slot)
+            slot.inflight += 1
+
+    def _collect(
+        self, ray: Any, ref: Any, s: int, slot: _Slot, attempts: dict[int, int]
+    ) -> Counted | None:
+        """A finished block's result; None when its worker died (the block is to be retried)."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            counted, info = ray.get(ref)
+        except RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, VggnormError):
+                raise cause from None
+            raise VggnormError(
+                f"Ray worker on node {slot.where.get('node_ip', '?')} failed on the "
+                f"block at image {s}: {str(e).splitlines()[0]}"
+            ) from e
+        except RayActorError as e:
+            attempts[s] = attempts.get(s, 0) + 1
+            if attempts[s] >= BLOCK_ATTEMPTS:
+                raise VggnormError(
+                    f"the block at image {s} failed {attempts[s]} times on Ray workers "
+                    f"(last: {str(e).splitlines()[0]})"
+                ) from e
+            return None
+        slot.images += len(counted.images)
+        slot.skipped += len(counted.skipped)
+        slot.seconds += info["seconds"]
+        slot.pids.add(info["pid"])
+        return counted  # type: ignore[no-any-return]
 
     def _check(self, ray: Any, slots: list[_Slot], ds: Dataset) -> None:
         """Each worker's node and whether it reads the dataset root: a clear error if not."""
