@@ -46,6 +46,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """``1%`` or ``0.01``: a fraction in (0, 1]."""
+    value_text = text.strip()
+    scale = 100.0 if value_text.endswith("%") else 1.0
+    try:
+        value = float(value_text.rstrip("%")) / scale
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.01 or 1%, got {text!r}") from e
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (or (0%, 100%]), got {text!r}")
+    return value
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(t) for t in text.split("/"))
@@ -187,7 +200,8 @@ def _add_stats(command: Any) -> None:
         "gather per-filter activation statistics over an image dataset",
         "Stream images through the VGG conv layers and record, per filter, the exact float64 sum "
         "and sum of squares of its post-ReLU activations.")  # fmt: skip
-    for add in (_stats_data_args, _stats_model_args, _stats_image_args, _stats_run_args):
+    for add in (_stats_data_args, _stats_model_args, _stats_image_args, _stats_run_args,
+                _stats_precision_args):
         add(p)
 
 def _stats_data_args(p: argparse.ArgumentParser) -> None:
@@ -269,6 +283,13 @@ def _stats_image_args(p: argparse.ArgumentParser) -> None:
         "(AdaIN); default: the weight file's layout's own",
     )
     g.add_argument(
+        "--pooling",
+        choices=["max", "avg"],
+        help="the pooling every pooling layer runs: max (VGG's own) or avg (Gatys et al.'s for "
+        "image synthesis; the means after a pooling layer depend on it); recorded in the stats "
+        "file and used by every command that reads it (default: the weight file's own)",
+    )
+    g.add_argument(
         "--draft",
         action="store_true",
         help="decode JPEGs in the DCT domain at 1/2, 1/4 or 1/8 scale (never below "
@@ -307,6 +328,42 @@ def _stats_run_args(p: argparse.ArgumentParser) -> None:
         default=300.0,
         metavar="SECONDS",
         help="save progress to --out this often (default 300)",
+    )
+
+
+def _stats_precision_args(p: argparse.ArgumentParser) -> None:
+    """``stats`` options: how precise the means must be before the run stops."""
+    g = p.add_argument_group("precision (docs/precision.md)")
+    g.add_argument(
+        "--target-error",
+        type=_fraction,
+        metavar="E",
+        help="stop at the first check point where every layer's --target-quantile of live "
+        "filters' relative 95%% half-widths is at or under E (1%% or 0.01); --limit stays the "
+        "maximum (default: every image of the selection)",
+    )
+    g.add_argument(
+        "--target-quantile",
+        type=_fraction,
+        default=0.9,
+        metavar="Q",
+        help="which quantile of live filters the target bounds (0.5 or 50%%: the median "
+        "filter; default 0.9)",
+    )
+    g.add_argument(
+        "--min-images",
+        type=_positive_int,
+        default=128,
+        metavar="N",
+        help="no stop on a target before N images (default 128)",
+    )
+    g.add_argument(
+        "--check-every",
+        type=_positive_int,
+        default=128,
+        metavar="N",
+        help="check points every N items of the selection, where a target may stop the run: "
+        "the stop point then depends only on the data and the settings (default 128)",
     )
 
 
@@ -363,6 +420,28 @@ def _add_verify(command: Any) -> None:
     )
     p.add_argument(
         "--plot", metavar="PNG", help="also draw the per-layer table as a figure (needs matplotlib)"
+    )
+    g = p.add_argument_group("held-out images (docs/precision.md)")
+    g.add_argument(
+        "--held-out",
+        metavar="PATH",
+        help="also measure the normalized means on images the stats never saw: a dataset "
+        "(COCO, ImageNet tree, folder, list file), or 'stats' for the images of the stats' own "
+        "dataset that they did not count; reported per layer with intervals",
+    )
+    g.add_argument(
+        "--held-out-limit",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="at most N held-out images, the first of the dataset's order (default 256)",
+    )
+    g.add_argument(
+        "--held-out-tol",
+        type=_fraction,
+        metavar="E",
+        help=f"judge the held-out means: exit {EXIT_VERIFY} when a layer's median |mean - 1| over "
+        "live filters is above E (e.g. 5%%); default: reported, not judged",
     )
 
 
@@ -503,7 +582,8 @@ class _Bar:
         if self.bar is not None:
             self.bar.total = p.total
             self.bar.n = p.done
-            self.bar.set_postfix(images=p.images, skipped=p.skipped, refresh=False)
+            extra = {} if p.precision is None else {"precision": f"±{p.precision:.1%}"}
+            self.bar.set_postfix(images=p.images, skipped=p.skipped, **extra, refresh=False)
             self.bar.refresh()
 
 
@@ -561,7 +641,9 @@ def _run_stats(args: argparse.Namespace) -> int:
         preprocess=args.preprocess, padding=args.padding, precision=args.precision,
         batch_size=args.batch_size, limit=args.limit, shard=args.shard, workers=args.workers,
         checkpoint_seconds=args.checkpoint_every, resume=args.resume, force=args.force,
-        strict=args.strict,
+        strict=args.strict, pooling=args.pooling, target_error=args.target_error,
+        target_quantile=args.target_quantile, min_images=args.min_images,
+        check_every=args.check_every,
     )  # fmt: skip
     with _progress(args.quiet, "stats") as bar:
         record = collect_stats(args.weights, ds, options, out=Path(args.out), progress=bar,
@@ -620,7 +702,8 @@ def _run_verify(args: argparse.Namespace) -> int:
         report = verify(
             normalized, args.original, args.stats, data=args.data, limit=args.limit,
             check_images=args.check_images, batch_size=args.batch_size, workers=args.workers,
-            progress=bar, engine=_engine(args),
+            held_out=args.held_out, held_out_limit=args.held_out_limit,
+            held_out_tol=args.held_out_tol, progress=bar, engine=_engine(args),
         )  # fmt: skip
     _show(args, report, stdout=True)
     if args.plot:
@@ -633,12 +716,15 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .commands.merge import merge_files
+    from .core.statsrecord import precision_lines
 
     merged = merge_files(args.inputs, args.out, force=args.force)
     shard = "" if merged.meta.shard == (0, 1) else " (the shards do not cover a whole selection)"
     if args.json:
         _show(args, merged)
     _say(args, f"merged {len(args.inputs)} files: {merged.n_images} images{shard}; wrote {args.out}")
+    if not args.json and not args.quiet:
+        print("\n".join(precision_lines(merged)))
     return EXIT_OK
 
 
@@ -697,6 +783,7 @@ _FIXES = {
     "stats": "pass --stats PATH",
     "split": "pick one with --split",
     "images": "pass --images A B",
+    "ray": "run it on several workers with --ray instead",
 }
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from ..core.losses import F64, format_number, shrink_text
+from ..core.precision import NEAR_DEAD_FRACTION, LayerPrecision
 from ..core.rescale import DEAD_THRESHOLD, compute_scales
-from ..core.statsrecord import NEAR_DEAD_FRACTION, StatsRecord
+from ..core.statsrecord import StatsRecord
 from ..formats.outputs import atomic_path
 
 
@@ -42,14 +43,35 @@ def draw_report(
     except ImportError as e:
         raise ImportError("the report figure needs matplotlib: pip install 'vggnorm[plot]'") from e
 
-    means = record.means()
-    scales = compute_scales(means, [s.name for s in record.layers], dead_threshold)
+    table = record.precision()
     names = [s.name for s in record.layers]
-    rows = 2 if style is not None else 1
+    rows = 1 + (table is not None) + (style is not None)
     fig = Figure(figsize=(max(12.0, 0.75 * len(names) * 1.5 + 4), 5.2 * rows), layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(rows, 1)
-    top = grid[0].subgridspec(1, 2, width_ratios=(3, 2))
+    _means_row(fig, grid[0], record, summary, dead_threshold)
+    fig.suptitle(
+        f"{record.meta.model}: per-filter mean activations over {record.n_images} images "
+        f"({record.meta.size}x{record.meta.size}, {record.meta.preprocess})"
+    )
+    if table is not None:
+        _precision_panel(fig.add_subplot(grid[1]), table, record.n_images)
+    if style is not None:
+        bottom = grid[rows - 1].subgridspec(1, 2)
+        _loss_panel(fig.add_subplot(bottom[0, 0]), style, "style", "Gram-matrix style loss")
+        _loss_panel(fig.add_subplot(bottom[0, 1]), style, "content", "content loss (feature L2)")
+    with atomic_path(Path(out_png)) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _means_row(
+    fig: Any, cell: Any, record: StatsRecord, summary: Mapping[str, Any], dead_threshold: float
+) -> None:
+    """Per-filter means before normalization and after (every live filter at 1)."""
+    means = record.means()
+    names = [s.name for s in record.layers]
+    scales = compute_scales(means, names, dead_threshold)
+    top = cell.subgridspec(1, 2, width_ratios=(3, 2))
     ax_before = fig.add_subplot(top[0, 0])
     ax_after = fig.add_subplot(top[0, 1], sharey=ax_before)
     rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
@@ -69,16 +91,23 @@ def draw_report(
     ax_after.legend(handles=_means_legend(dead_threshold), loc="lower center", fontsize=8)
     ax_after.axhline(1.0, color="0.5", lw=0.8, ls="--", zorder=0)
     ax_after.tick_params(labelleft=False)
-    fig.suptitle(
-        f"{record.meta.model}: per-filter mean activations over {record.n_images} images "
-        f"({record.meta.size}x{record.meta.size}, {record.meta.preprocess})"
-    )
-    if style is not None:
-        bottom = grid[1].subgridspec(1, 2)
-        _loss_panel(fig.add_subplot(bottom[0, 0]), style, "style", "Gram-matrix style loss")
-        _loss_panel(fig.add_subplot(bottom[0, 1]), style, "content", "content loss (feature L2)")
-    with atomic_path(Path(out_png)) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _precision_panel(ax: Any, table: Sequence[LayerPrecision], images: int) -> None:
+    """Per layer, the relative half-width of the 95% interval of the live filters' means."""
+    x = np.arange(len(table))
+    for key, label, marker in (("median", "median filter", "o"), ("p99", "99th percentile", "s"),
+                               ("worst", "worst filter", "^")):  # fmt: skip
+        y = np.array([getattr(p, key) for p in table], dtype=np.float64) * 100
+        ok = np.isfinite(y) & (y > 0)
+        ax.plot(x[ok], y[ok], marker=marker, lw=1.0, ms=4, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [p.name for p in table], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("95% interval half-width, % of the mean (log)")
+    ax.set_title(f"how precisely {images} images estimate each filter's mean on the image "
+                 "distribution (live filters; dead and near-dead left out)", fontsize=10)  # fmt: skip
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _means_legend(dead_threshold: float) -> list[Any]:

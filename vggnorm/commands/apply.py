@@ -144,6 +144,7 @@ def _provenance(
             "skipped": len(record.skipped), "dataset": meta.dataset_path,
             "dataset_kind": meta.dataset_kind, "size": meta.size, "resize": meta.decode.resize,
             "preprocess": meta.preprocess, "precision": meta.precision, "draft": meta.decode.draft,
+            "padding": meta.padding, "pooling": meta.pooling,
         },
         architecture=loaded.bound.source,
         conv_layers=list(loaded.bound.conv_names),

@@ -144,7 +144,7 @@ def _write_bn(
         )
     record = read_stats(stats_path)
     check_fingerprint(loaded, record)
-    arch = loaded.bound.arch
+    arch = loaded.as_measured(None, record.meta.pooling).bound.arch
     if size is None:
         head = arch.head
         flat = head is not None and head.reduce == "flatten" and head.input_size is not None

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from ..core.archs import ARCHS, FlattenOrder
-from ..core.compare import CompareReport, compare_weights, compare_with_means
+from ..core.compare import CompareReport, compare_weights, compare_with_means, scales_in_intervals
 from ..core.errors import ArchitectureError, StatsError
+from ..core.precision import filter_precision
 from ..core.scaling import check_fingerprint
 from ..core.statsrecord import stats_by_conv
 from ..core.topology import Loaded, stock_named
@@ -45,9 +46,11 @@ class CompareResult:
     def summary(self) -> list[str]:
         lines = self.report.table().splitlines()
         for name, row in self.means.items():
+            within = (f"  in the 95% interval: {row['within']}/{row['live']}, median |z| "
+                      f"{_num(row['median_z'])}" if "within" in row else "")  # fmt: skip
             lines.append(
                 f"{name:<16} scale/mean median {_num(row['median_ratio'])}  IQR "
-                f"{_num(row['iqr_ratio'])}  corr(log) {_num(row['log_correlation'])}"
+                f"{_num(row['iqr_ratio'])}  corr(log) {_num(row['log_correlation'])}{within}"
             )
         if self.stats_matches_original is False:
             lines.append("note: the stats were not gathered on ORIGINAL (fingerprints differ)")
@@ -108,8 +111,11 @@ def compare_files(
         matches = False
     matched = stats_by_conv(record, [(c, wa[f"{c}/kernel"].shape[3]) for c in convs])
     vs = compare_with_means(report.scales, {c: s.mean for c, s in matched.items()})
-    return CompareResult(str(original), str(other), report,
-                         {k: asdict(v) for k, v in vs.items()}, matches)  # fmt: skip
+    means = {k: asdict(v) for k, v in vs.items()}
+    precision = {c: fp for c, s in matched.items() if (fp := filter_precision(s)) is not None}
+    for name, agreement in scales_in_intervals(report.scales, precision).items():
+        means[name].update(asdict(agreement))
+    return CompareResult(str(original), str(other), report, means, matches)
 
 
 def _aligned(a: Loaded, b: Loaded) -> tuple[

@@ -95,10 +95,16 @@ def export(
         loaded = load(src)
         arrays = _exportable(loaded, layout, fold_input)
         arrays, convention, notes = _input_convention(loaded, layout, arrays, fold_input)
+        normalized_by = loaded.weights.file.provenance
+        pooling = ((normalized_by or {}).get("stats") or {}).get("pooling")
+        if pooling == "avg":
+            notes.append("normalized under average pooling: its means are 1 when every pooling "
+                         "layer averages (nn.AvgPool2d), as Gatys et al. synthesise images")  # fmt: skip
         prov = provenance(
             f"export to the {layout} layout",
             source=file_record(src, loaded.weights.file.format),
-            normalized_by=loaded.weights.file.provenance, input=convention, notes=notes,
+            normalized_by=normalized_by, input=convention, notes=notes,
+            pooling=pooling,  # the pooling its means are 1 under
         )  # fmt: skip
         metadata = {PROVENANCE_KEY: json.dumps(prov, sort_keys=True)}
         write_torch(out, layout, arrays, metadata=metadata, arch=loaded.bound.stock)

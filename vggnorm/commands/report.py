@@ -23,9 +23,10 @@ from .._version import __version__
 from ..core.archs import Arch
 from ..core.errors import DatasetError, VerificationError
 from ..core.losses import finite, format_number, loss_magnitudes, shrink_text, spread_table
+from ..core.precision import NEAR_DEAD_FRACTION
 from ..core.rescale import DEAD_THRESHOLD, Scales, rescale
 from ..core.scaling import check_fingerprint, scales_for
-from ..core.statsrecord import NEAR_DEAD_FRACTION, StatsRecord, layer_summary
+from ..core.statsrecord import StatsRecord, layer_summary
 from ..core.topology import named_as
 from ..core.verdicts import FUNCTION_TOL, function_errors
 from ..formats.outputs import atomic_path, check_output, output_lock
@@ -148,6 +149,7 @@ def report_dict(
             "dead_threshold": dead_threshold,
             "near_dead_fraction": NEAR_DEAD_FRACTION,
             "layers": layer_summary(record, dead_threshold),
+            "intervals": record.to_dict()["intervals"],
             "style": dict(style) if style is not None else None,
         }
     )
@@ -162,6 +164,9 @@ def summary_text(report: Mapping[str, Any]) -> list[str]:
         f"dead {r['dead']}  near-dead {r['near_dead']}"
         for r in report["layers"]
     ]
+    for p in report.get("intervals") or []:
+        lines.append(f"{p['name']:<16} 95% interval of the means: ±{p['median']:.2%} median "
+                     f"filter, ±{p['p99']:.2%} 99th percentile, ±{p['worst']:.2%} worst")  # fmt: skip
     style = report.get("style")
     if style:
         for kind in ("style", "content"):
@@ -230,7 +235,7 @@ def loss_spread_for(
     """
     from ..runtime.data import load_image
 
-    loaded = load(weights).with_padding(record.meta.padding)
+    loaded = load(weights).as_measured(record.meta.padding, record.meta.pooling)
     check_fingerprint(loaded, record)
     paths = [Path(p) for p in images] if images else [
         Path(record.meta.dataset_root) / item for item in record.images[:2]

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..core.archs import Arch, Padding
+from ..core.archs import Arch, Padding, PoolKind
 from ..core.errors import DatasetError, Interrupted, StatsError, VggnormError
 from ..core.inputs import Decode, Precision, Preprocess
+from ..core.precision import target_reached
 from ..core.stats import empty_stats
 from ..core.statsrecord import StatsMeta, StatsRecord, same_settings
 from ..core.topology import Loaded
@@ -23,10 +24,15 @@ from ..formats.registry import load
 from ..formats.statsfile import read_stats, write_stats
 from ..runtime.data import Dataset, items_sha256, open_dataset, select
 from ..runtime.engine import Engine, LocalEngine
-from ..runtime.measure import Counted, Progress
+from ..runtime.measure import CHECK_EVERY, Counted, Progress
 from ._common import now
 
 log = logging.getLogger(__name__)
+
+#: The default quantile of live filters a target error bounds (docs/precision.md says why).
+DEFAULT_QUANTILE = 0.9
+#: No run stops on a target before this many images (docs/precision.md says why).
+DEFAULT_MIN_IMAGES = 128
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,9 @@ class StatsOptions:
             weight file's layout's own (``torch`` for torchvision files, else ``caffe``).
         padding: ``zero`` or ``reflect`` borders for every conv; default: the layout's own
             (``reflect`` for AdaIN files, else ``zero``).
+        pooling: ``max`` or ``avg`` for every pooling layer (Gatys et al. synthesise images
+            with average pooling; the means after a pooling layer depend on it); default: the
+            file's own.
         precision: ``fp32`` or ``bf16`` (activations in bfloat16, reductions in float32).
         batch_size: images per forward pass; the last batch may be smaller and counts fully.
         limit: use only the first ``limit`` images of the dataset's deterministic order.
@@ -53,6 +62,14 @@ class StatsOptions:
             complete one with the same settings is returned unchanged; other settings are refused.
         force: overwrite an existing output (without ``resume``).
         strict: any unusable image is an error instead of a counted skip.
+        target_error: stop at the first check point where every layer's ``target_quantile``
+            of live filters' relative 95% half-widths is at or under this (0.01: 1%), with at
+            least ``min_images`` images; ``limit`` stays the maximum.
+        target_quantile: which quantile of live filters must reach the target (default
+            :data:`DEFAULT_QUANTILE`).
+        min_images: no stop before this many images (default :data:`DEFAULT_MIN_IMAGES`).
+        check_every: the check points, every this many items of the selection: where a run
+            stops depends only on the data and the settings, not on the engine or a resume.
     """
 
     model: str | None = None
@@ -61,6 +78,7 @@ class StatsOptions:
     decode: Decode = field(default_factory=Decode)
     preprocess: Preprocess | None = None
     padding: Padding | None = None
+    pooling: PoolKind | None = None
     precision: Precision = "fp32"
     batch_size: int = 16
     limit: int | None = None
@@ -70,6 +88,23 @@ class StatsOptions:
     resume: bool = False
     force: bool = False
     strict: bool = False
+    target_error: float | None = None
+    target_quantile: float = DEFAULT_QUANTILE
+    min_images: int = DEFAULT_MIN_IMAGES
+    check_every: int = CHECK_EVERY
+
+    def __post_init__(self) -> None:
+        if self.target_error is not None and not 0 < self.target_error < 1:
+            raise StatsError(f"target error {self.target_error!r}: expected a fraction in (0, 1)")
+        if not 0 < self.target_quantile <= 1:
+            raise StatsError(f"target quantile {self.target_quantile!r}: expected (0, 1]")
+        if self.min_images < 2 or self.check_every < 1:
+            raise StatsError("at least 2 images before a stop, and a check every 1 image or more")
+        if self.target_error is not None and self.shard != (0, 1):
+            raise StatsError(
+                "a shard cannot know the precision of the merged statistics, so it cannot stop "
+                "on a target error", fix="ray"
+            )
 
 
 def collect_stats(
@@ -137,7 +172,8 @@ def _prepare(
     """The bound weights, the dataset, the selection and an empty record of the run."""
     from ..runtime.network import resolve_weights
 
-    loaded = load(resolve_weights(weights, opts.model), opts.model).with_padding(opts.padding)
+    loaded = load(resolve_weights(weights, opts.model), opts.model)
+    loaded = loaded.with_padding(opts.padding).with_pooling(opts.pooling)
     arch = loaded.bound.arch
     _check_size(arch, opts.decode.size)
     ds = data if isinstance(data, Dataset) else open_dataset(
@@ -167,6 +203,7 @@ def new_meta(loaded: Loaded, ds: Dataset, items: Sequence[str], opts: StatsOptio
     return StatsMeta(
         model=loaded.bound.arch.name,
         padding=loaded.bound.arch.padding,
+        pooling=loaded.pooling,
         fingerprint=loaded.fingerprint(),
         weights=str(loaded.path.resolve()),
         decode=opts.decode,
@@ -181,6 +218,11 @@ def new_meta(loaded: Loaded, ds: Dataset, items: Sequence[str], opts: StatsOptio
         selection_size=len(items),
         limit=opts.limit,
         shard=opts.shard,
+        target_error=opts.target_error,
+        target_quantile=opts.target_quantile,
+        min_images=opts.min_images if opts.target_error is not None else None,
+        check_every=opts.check_every,
+        batch_size=opts.batch_size,
         tool_version=__version__,
         created=now(),
     )
@@ -191,6 +233,9 @@ def _resumed(out: Path, meta: StatsMeta) -> StatsRecord:
     differ = same_settings(previous.meta, meta)
     if previous.meta.selection_sha256 != meta.selection_sha256:
         differ.append("dataset/limit/shard")
+    for key in ("target_error", "target_quantile", "min_images", "check_every"):
+        if getattr(previous.meta, key) != getattr(meta, key):
+            differ.append(key)
     if differ:
         raise StatsError(
             f"cannot resume {out}: it was gathered with other settings ({', '.join(differ)})",
@@ -198,7 +243,8 @@ def _resumed(out: Path, meta: StatsMeta) -> StatsRecord:
         )
     log.info("resuming %s at image %d of %d", out, previous.meta.position, meta.selection_size)
     resumed = replace(meta, position=previous.meta.position, created=previous.meta.created,
-                      complete=previous.meta.complete, updated=previous.meta.updated)  # fmt: skip
+                      complete=previous.meta.complete, updated=previous.meta.updated,
+                      target_reached=previous.meta.target_reached)  # fmt: skip
     return StatsRecord(resumed, previous.layers, previous.images, previous.skipped)
 
 
@@ -222,28 +268,57 @@ class _Run:
         counts = engine(self.loaded, self.ds, self.items, self.meta, self.opts.batch_size,
                         self.total.end, self.opts.strict)  # fmt: skip
         try:
-            self._accumulate(counts)
+            reached = self._accumulate(counts)
         except KeyboardInterrupt as e:
             raise self._interrupted() from e
+        except VggnormError as e:  # a failed engine (a lost cluster): keep what was counted
+            raise self._failed(e) from e
         finally:
-            counts.close()  # stops decoding threads or cluster workers
+            counts.close()  # stops decoding threads, cluster workers; drops blocks past a stop
         if not self.total.images:
             raise DatasetError(
                 f"none of the {len(self.items)} images could be used ({len(self.total.skipped)} "
                 f"skipped: {sorted({r for _, r, _ in self.total.skipped})})"
             )
+        if self.meta.target_error is not None:
+            self.meta = replace(self.meta, target_reached=reached)
         return self._save(self.total, complete=True)
 
-    def _accumulate(self, counts: Iterator[Counted]) -> None:
+    def _accumulate(self, counts: Iterator[Counted]) -> bool:
+        """Add the stretches in order; True when the target was reached at a check point."""
         last_save = time.monotonic()
+        precision: float | None = None
         for counted in counts:
             self.total = total = self.total.plus(counted)
+            if self._is_check_point(total.end):
+                reached, precision = self._check(total)
+                if reached:
+                    return True
             if self.progress:
                 self.progress(Progress(total.end, len(self.items), len(total.images),
-                                       len(total.skipped)))  # fmt: skip
+                                       len(total.skipped), precision))  # fmt: skip
             if self.out and time.monotonic() - last_save >= self.opts.checkpoint_seconds:
                 self._save(total, complete=False)
                 last_save = time.monotonic()
+        return False
+
+    def _is_check_point(self, position: int) -> bool:
+        return position % (self.meta.check_every or CHECK_EVERY) == 0 or position == len(self.items)
+
+    def _check(self, total: Counted) -> tuple[bool, float | None]:
+        """At a check point: whether the target is reached, and the figure it bounds."""
+        quantile = self.meta.target_quantile or DEFAULT_QUANTILE
+        if self.meta.target_error is None:
+            return False, target_reached(total.layers, 1.0, quantile, 2)[1]
+        return target_reached(total.layers, self.meta.target_error, quantile,
+                              self.meta.min_images or DEFAULT_MIN_IMAGES)  # fmt: skip
+
+    def _failed(self, error: VggnormError) -> VggnormError:
+        """Save what was counted before an engine failed, and say so in the error."""
+        if self.out is None or self.total.end == self.meta.position:
+            return error
+        self._save(self.total, complete=False)
+        return type(error)(f"{error}; progress saved to {self.out}", fix="resume")
 
     def _save(self, total: Counted, complete: bool) -> StatsRecord:
         meta = replace(self.meta, position=total.end, complete=complete, updated=now())

@@ -12,10 +12,12 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..core.errors import StatsError, WeightFileError
+from ..core.errors import DatasetError, StatsError, WeightFileError
 from ..core.rescale import DEAD_THRESHOLD, Scales
 from ..core.scaling import check_fingerprint, scales_for
 from ..core.stats import LayerStats, empty_stats
@@ -24,15 +26,17 @@ from ..core.topology import Loaded
 from ..core.verdicts import (
     FUNCTION_TOL,
     MEANS_TOL,
+    HeldOutCheck,
     VerifyReport,
     function_errors,
+    judge_held_out,
     judge_layer,
     judge_predictions,
     logits_arch,
 )
 from ..formats.registry import load
 from ..formats.statsfile import read_stats
-from ..runtime.data import Dataset, iter_batches, stats_dataset
+from ..runtime.data import Dataset, iter_batches, open_dataset, stats_dataset
 from ..runtime.engine import Engine, LocalEngine
 from ..runtime.measure import Counted, Progress
 
@@ -53,19 +57,45 @@ class _Inputs:
     stats: str
 
 
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How ``verify`` runs.
+
+    Attributes:
+        data: dataset path, if it moved since the stats were gathered.
+        limit: re-measure means on only the first ``limit`` stats images (means then not judged).
+        check_images: how many images the activation-by-activation comparison uses.
+        batch_size: images per forward pass.
+        workers: decoding threads.
+        dead_threshold: default: the one the file was normalized with.
+        held_out: also measure the normalized means on images the statistics never saw: a
+            dataset path, or ``"stats"`` for the images of the stats' own dataset that they did
+            not count.
+        held_out_limit: at most this many held-out images (default 256).
+        held_out_tol: judge the held-out means: every layer's median ``|mean - 1|`` over live
+            filters at or under this (default: reported, not judged).
+    """
+
+    data: str | os.PathLike[str] | None = None
+    limit: int | None = None
+    check_images: int = 8
+    batch_size: int = 16
+    workers: int = 2
+    dead_threshold: float | None = None
+    held_out: str | os.PathLike[str] | None = None
+    held_out_limit: int = 256
+    held_out_tol: float | None = None
+
+
 def verify(
     normalized: str | os.PathLike[str],
     original: str | os.PathLike[str] | None = None,
     stats: str | os.PathLike[str] | None = None,
+    options: VerifyOptions | None = None,
     *,
-    data: str | os.PathLike[str] | None = None,
-    limit: int | None = None,
-    check_images: int = 8,
-    batch_size: int = 16,
-    workers: int = 2,
-    dead_threshold: float | None = None,
     progress: Callable[[Progress], None] | None = None,
     engine: Engine | None = None,
+    **settings: Any,
 ) -> VerifyReport:
     """Check that ``normalized`` equals ``original`` as a function and has unit filter means.
 
@@ -73,30 +103,27 @@ def verify(
         normalized: a file written by :func:`vggnorm.normalize`.
         original: its source; default: the path recorded in its provenance.
         stats: the stats file used; default: the one recorded in its provenance.
-        data: dataset path, if it moved since the stats were gathered.
-        limit: re-measure means on only the first ``limit`` stats images (means then not judged).
-        check_images: how many images the activation-by-activation comparison uses.
-        batch_size: images per forward pass.
-        workers: decoding threads.
-        dead_threshold: default: the one the file was normalized with.
-        progress: called after every batch of the re-measuring pass.
-        engine: where the re-measuring pass runs (default: here).
+        options: how to run (:class:`VerifyOptions`); ``settings`` replace its fields.
+        progress: called after every batch of the re-measuring passes.
+        engine: where the re-measuring passes run (default: here).
 
     Returns:
-        A :class:`~vggnorm.core.verdicts.VerifyReport`; ``report.ok`` says whether both checks
-        passed.
+        A :class:`~vggnorm.core.verdicts.VerifyReport`; ``report.ok`` says whether every judged
+        check passed.
 
     Raises:
         WeightFileError, StatsError: the files cannot be compared (not vggnorm output, other
             model, stats not recorded).
     """
-    inputs = _inputs(normalized, original, stats, data, limit, dead_threshold)
+    opts = replace(options or VerifyOptions(), **settings)
+    inputs = _inputs(normalized, original, stats, opts)
     notes: list[str] = []
-    first = inputs.items[:check_images]
-    worst, n_func = _function_check(inputs, first, batch_size, workers)
+    first = inputs.items[:opts.check_images]
+    worst, n_func = _function_check(inputs, first, opts.batch_size, opts.workers)
     predictions = _check_head(inputs, first, notes)
-    engine = engine or LocalEngine(workers)
-    measured, seen = _remeasure(inputs, batch_size, notes, progress, engine)
+    engine = engine or LocalEngine(opts.workers)
+    measured, seen = _remeasure(inputs, inputs.ds, inputs.items, opts.batch_size, notes, progress,
+                                engine)  # fmt: skip
     record = inputs.record
     full = seen == record.n_images
     if not full:
@@ -107,17 +134,46 @@ def verify(
         judge_layer(conv, worst[conv], ls, before, inputs.scales, means_tol, full)
         for conv, ls, before in zip(inputs.orig.bound.conv_names, measured, record.layers)
     )
+    held_out = _held_out(inputs, opts, notes, progress, engine) if opts.held_out else None
     return VerifyReport(
-        normalized=str(normalized), original=inputs.original, stats=inputs.stats, layers=checks, function_images=n_func, means_images=seen,
-        stats_images=record.n_images, means_checked=full, function_tol=FUNCTION_TOL,
-        means_tol=means_tol, predictions=predictions, notes=tuple(notes),
+        normalized=str(normalized), original=inputs.original, stats=inputs.stats, layers=checks,
+        function_images=n_func, means_images=seen, stats_images=record.n_images,
+        means_checked=full, function_tol=FUNCTION_TOL, means_tol=means_tol,
+        predictions=predictions, notes=tuple(notes), stats_precision=_precision(record),
+        held_out=held_out, held_out_tol=opts.held_out_tol,
     )  # fmt: skip
+
+
+def _held_out(
+    inputs: _Inputs, opts: VerifyOptions, notes: list[str],
+    progress: Callable[[Progress], None] | None, engine: Engine,
+) -> tuple[HeldOutCheck, ...]:  # fmt: skip
+    """The normalized network's means on images the statistics never saw."""
+    meta = inputs.record.meta
+    if str(opts.held_out) == "stats":
+        ds = open_dataset(opts.data or meta.dataset_path, annotations=meta.annotations)
+        used = set(inputs.record.images) | {item for item, _, _ in inputs.record.skipped}
+        items = tuple(i for i in ds.items if i not in used)
+    else:
+        ds = open_dataset(opts.held_out)  # type: ignore[arg-type]
+        used = set(inputs.record.images) if ds.root.resolve() == Path(meta.dataset_root) else set()
+        items = tuple(i for i in ds.items if i not in used)
+    if not items:
+        raise DatasetError(f"no held-out image: every image of {ds.describe()} was counted")
+    items = items[: opts.held_out_limit]
+    measured, _ = _remeasure(inputs, ds, items, opts.batch_size, notes, progress, engine)
+    return tuple(judge_held_out(conv, ls, inputs.scales)
+                 for conv, ls in zip(inputs.orig.bound.conv_names, measured))  # fmt: skip
+
+
+def _precision(record: StatsRecord) -> tuple[dict[str, Any], ...] | None:
+    table = record.precision()
+    return None if table is None else tuple(p.to_dict() for p in table)
 
 
 def _inputs(
     normalized: str | os.PathLike[str], original: str | os.PathLike[str] | None,
-    stats: str | os.PathLike[str] | None, data: str | os.PathLike[str] | None,
-    limit: int | None, dead_threshold: float | None,
+    stats: str | os.PathLike[str] | None, opts: VerifyOptions,
 ) -> _Inputs:  # fmt: skip
     norm = load(normalized)
     prov = norm.weights.file.provenance
@@ -132,13 +188,14 @@ def _inputs(
     original = original or prov["source"]["path"]
     orig = load(original)
     check_fingerprint(orig, record)
-    # both networks pad as the statistics were gathered (AdaIN: reflection)
-    orig, norm = (x.with_padding(record.meta.padding) for x in (orig, norm))
+    # both networks pad and pool as the statistics were gathered (AdaIN: reflection)
+    orig, norm = (x.as_measured(record.meta.padding, record.meta.pooling) for x in (orig, norm))
+    dead_threshold = opts.dead_threshold
     if dead_threshold is None:
         dead_threshold = float(prov.get("dead_threshold", DEAD_THRESHOLD))
     scales = scales_for(record, orig.bound, dead_threshold)
-    items = record.images[:limit] if limit is not None else record.images
-    ds = stats_dataset(record, data)
+    items = record.images[: opts.limit] if opts.limit is not None else record.images
+    ds = stats_dataset(record, opts.data)
     return _Inputs(orig, norm, record, scales, ds, items, str(original), str(stats))
 
 
@@ -170,15 +227,15 @@ def _function_check(
 
 
 def _remeasure(
-    inputs: _Inputs, batch_size: int, notes: list[str],
+    inputs: _Inputs, ds: Dataset, items: Sequence[str], batch_size: int, notes: list[str],
     progress: Callable[[Progress], None] | None, engine: Engine,
 ) -> tuple[tuple[LayerStats, ...], int]:  # fmt: skip
-    """The normalized network's statistics over the items, measured in fp32 as ``stats`` did."""
+    """The normalized network's statistics over ``items`` of ``ds``, measured in fp32 as
+    ``stats`` did."""
     meta = replace(inputs.record.meta, precision="fp32")
     zero = empty_stats((c.name, c.filters) for c in inputs.norm.bound.arch.convs)
     total = Counted(zero, (), (), 0)
-    items = inputs.items
-    counts = engine(inputs.norm, inputs.ds, items, meta, batch_size, 0, False)
+    counts = engine(inputs.norm, ds, items, meta, batch_size, 0, False)
     try:
         for counted in counts:
             total = total.plus(counted)
@@ -188,7 +245,7 @@ def _remeasure(
         counts.close()
     if total.skipped:
         notes.append(
-            f"{len(total.skipped)} stats image(s) could not be decoded now: {total.skipped[0][0]}"
+            f"{len(total.skipped)} image(s) could not be decoded now: {total.skipped[0][0]}"
         )
     if not total.images:
         raise StatsError("no image re-measured")

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .archs import FlattenOrder
+from .precision import FilterPrecision
 from .rescale import DEAD_THRESHOLD  # dead filters, left out of the means comparison
 
 F64 = npt.NDArray[np.float64]
@@ -409,4 +410,51 @@ def compare_with_means(
         if ls.size >= 2 and np.std(ls) > 0 and np.std(lm) > 0:
             corr = float(np.corrcoef(ls, lm)[0, 1])
         out[name] = ScalesVsMeans(float(q50), float(q75 - q25), corr, int(ls.size))
+    return out
+
+
+@dataclass(frozen=True)
+class IntervalAgreement:
+    """How a layer's recovered scales sit in the sampling error of measured means.
+
+    Attributes:
+        within: live filters whose scale lies inside the 95% interval of their measured mean.
+        live: live filters compared (neither dead nor near-dead in the measurement).
+        median_z: median over them of ``|scale - mean| / SE``: about 0.67 when the scales are
+            the means of another sample of the same images' distribution; None without any.
+    """
+
+    within: int
+    live: int
+    median_z: float | None
+
+
+def scales_in_intervals(
+    implied_scales: Mapping[str, npt.ArrayLike], precision: Mapping[str, FilterPrecision]
+) -> dict[str, IntervalAgreement]:
+    """Set recovered scales against the intervals of measured means, layer by layer: states a
+    difference between two normalizations in units of the sampling error.
+
+    Example:
+        >>> from vggnorm.core.precision import filter_precision
+        >>> from vggnorm.core.stats import ImageMoments, LayerStats
+        >>> im = ImageMoments.of([[1.0], [3.0], [2.0]])
+        >>> fp = filter_precision(LayerStats("c", im.sum, im.sumsq, 3, im))
+        >>> a = scales_in_intervals({"c": [2.5]}, {"c": fp})["c"]
+        >>> a.within, a.live, round(a.median_z, 12)
+        (1, 1, 0.866025403784)
+    """
+    out: dict[str, IntervalAgreement] = {}
+    for name, s in implied_scales.items():
+        fp = precision.get(name)
+        if fp is None:
+            continue
+        sv = np.asarray(s, dtype=np.float64).ravel()
+        if sv.shape != fp.mean.shape:
+            raise ValueError(f"{name}: {sv.size} scales but {fp.mean.size} means")
+        live = fp.live & np.isfinite(sv) & (sv > 0) & (fp.se > 0)
+        lo, hi = fp.interval
+        within = int(np.sum(live & (lo <= sv) & (sv <= hi)))
+        z = np.abs(sv[live] - fp.mean[live]) / fp.se[live]
+        out[name] = IntervalAgreement(within, int(live.sum()), float(np.median(z)) if z.size else None)
     return out

@@ -14,12 +14,10 @@ import numpy as np
 
 from .errors import StatsError
 from .inputs import Decode
+from .precision import NEAR_DEAD_FRACTION as NEAR_DEAD_FRACTION
+from .precision import LayerPrecision, precision_table
+from .rescale import DEAD_THRESHOLD
 from .stats import LayerStats, means
-
-#: A live filter whose mean is below this fraction of its layer's median mean is "near-dead".
-NEAR_DEAD_FRACTION = 1e-3
-#: Filters whose mean activation is at or below this are dead on the data (see rescale).
-_DEAD = 1e-8
 
 
 @dataclass(frozen=True)
@@ -50,6 +48,18 @@ class StatsMeta:
     created: str = ""
     updated: str = ""
     merged_from: tuple[str, ...] = field(default=())
+    # the pooling the network ran with: max (VGG's own) or avg (Gatys et al.'s for synthesis)
+    pooling: str = "max"
+    # --target-error: stop at the first check point where the precision reaches it
+    target_error: float | None = None
+    target_quantile: float | None = None
+    min_images: int | None = None
+    target_reached: bool | None = None  # None: no target; else whether the run stopped on it
+    # the batch the run measured with, and the peak memory estimated for it (bytes)
+    batch_size: int | None = None
+    peak_memory: int | None = None
+    # the check points of a run (where a target may stop it): every this many items
+    check_every: int | None = None
 
     @property
     def size(self) -> int:
@@ -58,7 +68,7 @@ class StatsMeta:
     def settings(self) -> dict[str, Any]:
         """What must agree for two runs to be resumed or merged."""
         ident = {"model": self.model, "fingerprint": self.fingerprint}
-        rest = ("preprocess", "precision", "padding", "dataset_kind")
+        rest = ("preprocess", "precision", "padding", "pooling", "dataset_kind")
         return {**ident, **asdict(self.decode), **{k: getattr(self, k) for k in rest}}
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +107,11 @@ class StatsRecord:
     def means(self) -> dict[str, np.ndarray]:
         return means(self.layers)
 
+    def precision(self) -> list[LayerPrecision] | None:
+        """Per layer, how precisely its filters' means are known (median, 99th percentile and
+        worst relative 95% half-width over live filters); None for a version-1 stats file."""
+        return precision_table(self.layers)
+
     def with_meta(self, **changes: Any) -> StatsRecord:
         return replace(self, meta=replace(self.meta, **changes))
 
@@ -104,16 +119,38 @@ class StatsRecord:
         """The lines ``vggnorm stats`` prints: images and skips, then one line per layer."""
         skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.skip_counts().items())) or "none"
         lines = [f"{self.meta.model}: {self.n_images} images counted, skipped: {skipped}"]
-        return lines + [_summary_line(row) for row in layer_summary(self)]
+        lines += [_summary_line(row) for row in layer_summary(self)]
+        return lines + precision_lines(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, per-layer summary and skips, JSON-ready (the sums stay in the file)."""
+        table = self.precision()
         return {
             "meta": self.meta.to_dict(),
             "images": self.n_images,
             "skipped": self.skip_counts(),
             "layers": layer_summary(self),
+            # per layer, the 95% interval half-widths of the filters' means (None: unknown)
+            "intervals": None if table is None else [p.to_dict() for p in table],
         }
+
+
+def precision_lines(record: StatsRecord) -> list[str]:
+    """How precisely the means are known, per layer, and whether a target was reached."""
+    table = record.precision()
+    if table is None:
+        return ["precision: unknown (a version-1 stats file keeps no per-image sums)"]
+    lines = [f"precision of the means over {record.n_images} images: relative half-width of the "
+             "95% interval over live filters (median, 99th percentile, worst)"]  # fmt: skip
+    for p in table:
+        apart = f"; {p.near_dead} near-dead left out" if p.near_dead else ""
+        lines.append(f"  {p.name:<16} ±{p.median:.2%}  ±{p.p99:.2%}  ±{p.worst:.2%}{apart}")
+    m = record.meta
+    if m.target_error is not None:
+        verdict = "reached" if m.target_reached else "NOT reached"
+        lines.append(f"target ±{m.target_error:.3g} at quantile {m.target_quantile:g} of live "
+                     f"filters: {verdict} with {record.n_images} images")  # fmt: skip
+    return lines
 
 
 def _summary_line(row: Mapping[str, Any]) -> str:
@@ -124,7 +161,7 @@ def _summary_line(row: Mapping[str, Any]) -> str:
     )
 
 
-def layer_summary(record: StatsRecord, dead_threshold: float = _DEAD) -> list[dict[str, Any]]:
+def layer_summary(record: StatsRecord, dead_threshold: float = DEAD_THRESHOLD) -> list[dict[str, Any]]:
     """Per conv layer: filters, dead and near-dead filters, and the spread of the filter means.
 
     Args:
@@ -184,7 +221,7 @@ def validate(record: StatsRecord, where: str = "stats") -> None:
         StatsError: naming the file, the layer and what is wrong.
     """
     for s in record.layers:
-        bad = _damage(s, record.meta.complete)
+        bad = _damage(s, record.meta.complete) or _image_damage(s, record.n_images)
         if bad:
             raise StatsError(f"{where}: layer {s.name}: {bad}; the stats file is damaged")
 
@@ -200,6 +237,22 @@ def _damage(s: LayerStats, complete: bool) -> str | None:
         return "no counted value in a complete run"
     if np.any(s.sum > np.sqrt(float(s.count)) * (np.sqrt(s.sumsq) * (1 + _CS_SLACK) + _TINY)):
         return "sums of squares too small for the sums and count (sum^2 > count * sumsq)"
+    return None
+
+
+def _image_damage(s: LayerStats, images: int) -> str | None:
+    """What is wrong with a layer's per-image moments, if anything."""
+    im = s.per_image
+    if im is None:
+        return None
+    if not (np.all(np.isfinite(im.sum)) and np.all(np.isfinite(im.sumsq))):
+        return "NaN or infinite per-image sums"
+    if np.any(im.sum < 0) or np.any(im.sumsq < 0):
+        return "negative per-image sums"
+    if im.images != images:
+        return f"per-image sums over {im.images} images, but {images} images counted"
+    if np.any(im.sum > np.sqrt(float(im.images)) * (np.sqrt(im.sumsq) * (1 + _CS_SLACK) + _TINY)):
+        return "per-image sums of squares too small for the sums (sum^2 > images * sumsq)"
     return None
 
 

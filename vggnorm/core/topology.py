@@ -16,7 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .archs import ARCHS, Arch, ConvSpec, DenseSpec, FeatureLayer, HeadSpec, Padding, PoolSpec
+from .archs import (
+    ARCHS,
+    Arch,
+    ConvSpec,
+    DenseSpec,
+    FeatureLayer,
+    HeadSpec,
+    Padding,
+    PoolKind,
+    PoolSpec,
+)
 from .errors import ArchitectureError, VggnormError
 from .weightset import BN_ROLES, CONV_ROLES, LayerEntry, WeightFile, WeightSet
 
@@ -266,6 +276,40 @@ class Loaded:
         arch = replace(self.bound.arch, padding=padding)  # type: ignore[arg-type]
         return Loaded(self.weights, replace(self.bound, arch=arch,
                                             source=f"{self.bound.source}, {padding} padding"))  # fmt: skip
+
+
+    def with_pooling(self, pooling: str | None) -> Loaded:
+        """This file with every pooling layer ``max`` or ``avg`` (None: as the file's). Both
+        commute with a positive per-channel scale, so the rescaling is exact under either; the
+        means after a pooling layer depend on which one runs.
+
+        Raises:
+            VggnormError: an unknown pooling.
+        """
+        if pooling is None:
+            return self
+        if pooling not in ("max", "avg"):
+            raise VggnormError(f"unknown pooling {pooling!r}; expected max or avg")
+        arch = self.bound.arch
+        kind: PoolKind = "max" if pooling == "max" else "avg"
+        features = tuple(replace(f, kind=kind) if isinstance(f, PoolSpec) else f
+                         for f in arch.features)  # fmt: skip
+        if features == arch.features:
+            return self
+        bound = replace(self.bound, arch=replace(arch, features=features),
+                        source=f"{self.bound.source}, {pooling} pooling")  # fmt: skip
+        return Loaded(self.weights, bound)
+
+    @property
+    def pooling(self) -> str:
+        """``max`` or ``avg`` when every pooling layer is that kind, else ``mixed``."""
+        kinds = {f.kind for f in self.bound.arch.features if isinstance(f, PoolSpec)}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def as_measured(self, padding: str | None, pooling: str | None) -> Loaded:
+        """This file run with the padding and pooling a stats run recorded (a ``mixed`` pooling
+        is the file's own)."""
+        return self.with_padding(padding).with_pooling(pooling if pooling != "mixed" else None)
 
 
 def named_as(other: Loaded, like: Loaded) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .archs import ActivationSpec, Arch, DenseSpec
+from .precision import filter_precision
 from .rescale import Scales
 from .stats import LayerStats
 
@@ -151,6 +152,47 @@ def logits_arch(arch: Arch) -> Arch:
 
 
 @dataclass(frozen=True)
+class HeldOutCheck:
+    """One layer's means re-measured on images the statistics never saw: how far the live
+    filters' means are from 1, and how many 95% intervals of those means hold 1."""
+
+    name: str
+    images: int
+    live: int
+    median_dev: float  # median over live filters of |mean - 1|
+    p99_dev: float
+    worst_dev: float
+    within: int | None  # live filters whose interval holds 1 (None: fewer than two images)
+    median_half_width: float | None  # of those intervals, relative
+
+    def ok(self, tol: float) -> bool:
+        return self.median_dev <= tol
+
+
+def judge_held_out(name: str, measured: LayerStats, scales: Scales) -> HeldOutCheck:
+    """The held-out verdict numbers of one layer (dead filters of the stats left out).
+
+    Raises:
+        ValueError: nothing was measured.
+    """
+    if measured.count == 0:
+        raise ValueError(f"{name}: no held-out image measured")
+    live = np.ones(measured.channels, bool)
+    live[scales.dead[name]] = False
+    dev = np.abs(measured.mean[live] - 1.0)
+    median, p99, worst = ((float(np.quantile(dev, q)) for q in (0.5, 0.99, 1.0)) if dev.size
+                          else (0.0, 0.0, 0.0))  # fmt: skip
+    fp = filter_precision(measured)
+    within, half = None, None
+    if fp is not None:
+        lo, hi = fp.interval
+        within = int(np.sum(live & (lo <= 1.0) & (hi >= 1.0)))
+        half = float(np.median(fp.half_width[live])) if live.any() else 0.0
+    images = measured.per_image.images if measured.per_image is not None else 0
+    return HeldOutCheck(name, images, int(live.sum()), median, p99, worst, within, half)
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     """What ``verify`` found: per-layer checks, the predictions, notes and the verdict."""
 
@@ -166,6 +208,11 @@ class VerifyReport:
     means_tol: float
     predictions: dict[str, float] | None = None
     notes: tuple[str, ...] = field(default=())
+    # per layer, how precisely the stats' means are known (None: a version-1 stats file)
+    stats_precision: tuple[dict[str, Any], ...] | None = None
+    # the means on images the stats never saw (None: not asked); judged only with a tolerance
+    held_out: tuple[HeldOutCheck, ...] | None = None
+    held_out_tol: float | None = None
 
     @property
     def function_ok(self) -> bool:
@@ -179,8 +226,14 @@ class VerifyReport:
         return all(bool(c.means_ok) for c in self.layers)
 
     @property
+    def held_out_ok(self) -> bool | None:
+        if self.held_out is None or self.held_out_tol is None:
+            return None
+        return all(c.ok(self.held_out_tol) for c in self.held_out)
+
+    @property
     def ok(self) -> bool:
-        return self.function_ok and self.means_ok is not False
+        return self.function_ok and self.means_ok is not False and self.held_out_ok is not False
 
     def failures(self) -> list[dict[str, str]]:
         """Every failed check: ``{"check": "function"|"means"|"predictions", "layer": name}``."""
@@ -188,12 +241,15 @@ class VerifyReport:
         out += [{"check": "means", "layer": c.name} for c in self.layers if c.means_ok is False]
         if self.predictions is not None and not self.predictions["ok"]:
             out.append({"check": "predictions", "layer": "head"})
+        if self.held_out_ok is False and self.held_out is not None and self.held_out_tol is not None:
+            tol = self.held_out_tol
+            out += [{"check": "held-out", "layer": c.name} for c in self.held_out if not c.ok(tol)]
         return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(ok=self.ok, function_ok=self.function_ok, means_ok=self.means_ok,
-                 failures=self.failures())  # fmt: skip
+                 held_out_ok=self.held_out_ok, failures=self.failures())  # fmt: skip
         return d
 
     def to_json(self) -> str:
@@ -209,6 +265,8 @@ class VerifyReport:
                 f"max rel err {p['max_rel_err']:.3g}, top-1 agreement {p['top1_agreement']:.1%}"
             )
         lines += [f"note: {note}" for note in self.notes]
+        lines.append(self.precision_line())
+        lines += self.held_out_lines()
         means = {True: "ok", False: "FAILED", None: "not judged"}[self.means_ok]
         lines.append(
             f"same function ({self.function_images} images, tol {self.function_tol:g}): "
@@ -216,6 +274,33 @@ class VerifyReport:
             f"{self.stats_images} stats images, tol {self.means_tol:g}): {means}"
         )
         return lines
+
+    def precision_line(self) -> str:
+        """How precisely the stats' means estimate the means of the image distribution: the
+        worst layer's median and 99th-percentile relative 95% half-width."""
+        if self.stats_precision is None:
+            return "precision of the stats' means: unknown (a version-1 stats file)"
+        median = max(float(p["median"]) for p in self.stats_precision)
+        p99 = max(float(p["p99"]) for p in self.stats_precision)
+        return (f"precision of the stats' means over {self.stats_images} images (95% interval, "
+                f"worst layer): ±{median:.2%} median filter, ±{p99:.2%} 99th percentile: on new "
+                "images of the same distribution the means are 1 within about that")  # fmt: skip
+
+    def held_out_lines(self) -> list[str]:
+        """Per layer, the means on held-out images, and the verdict when a tolerance is set."""
+        if self.held_out is None:
+            return []
+        lines = [f"held-out images: means of the normalized network on {self.held_out[0].images} "
+                 "images the stats never saw (live filters: |mean - 1| median, 99th percentile, "
+                 "worst; intervals that hold 1)"]  # fmt: skip
+        for c in self.held_out:
+            within = "n/a" if c.within is None else f"{c.within}/{c.live}"
+            half = "" if c.median_half_width is None else f" (±{c.median_half_width:.1%})"
+            lines.append(f"  {c.name:<16} {c.median_dev:.2%}  {c.p99_dev:.2%}  {c.worst_dev:.2%}"
+                         f"  {within}{half}")  # fmt: skip
+        verdict = {True: "ok", False: "FAILED", None: "informational (no tolerance given)"}
+        tol = "" if self.held_out_tol is None else f" (tol {self.held_out_tol:g} median)"
+        return [*lines, f"held-out means{tol}: {verdict[self.held_out_ok]}"]
 
     def table(self) -> list[str]:
         head = (

@@ -1,11 +1,16 @@
 """The stats file: one self-describing HDF5 file per run (docs/files.md).
 
-Layout (``format_version`` 1)::
+Layout (``format_version`` 2)::
 
-    /                    attrs: format="vggnorm-stats", format_version=1, meta=<JSON, see StatsMeta>
-    /layers/<NN>_<name>  datasets sum, sumsq (float64, one value per filter); attrs name, count
+    /                    attrs: format="vggnorm-stats", format_version=2, meta=<JSON, see StatsMeta>
+    /layers/<NN>_<name>  datasets sum, sumsq (float64, one value per filter); attrs name, count;
+                         img_sum, img_sumsq (float64: sums of each image's mean and of its
+                         square) and attr images (how many images they cover)
     /images              the images counted, in processing order (UTF-8 strings)
     /skipped             one JSON object per skipped image: {"item", "reason", "detail"}
+
+Version 1 files (no per-image sums) still read: their precision is unknown. A version-2 layer
+without the per-image datasets (merged with a version-1 file) reads the same way.
 
 The same file is the checkpoint of a running ``stats`` (``meta.complete`` false, ``meta.position``
 the number of dataset items consumed); it is always replaced atomically. What a record holds and
@@ -22,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import StatsError
-from ..core.stats import LayerStats
+from ..core.stats import ImageMoments, LayerStats
 from ..core.statsrecord import StatsMeta, StatsRecord, validate
 from ._guard import run_guarded
 from .outputs import atomic_path
 
 FORMAT = "vggnorm-stats"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_STATS = "vggnorm-stats.h5"
 
 
@@ -65,6 +70,10 @@ def _write_layers(group: Any, layers: tuple[LayerStats, ...]) -> None:
         g.attrs["count"] = np.int64(s.count)
         g.create_dataset("sum", data=s.sum.astype(np.float64))
         g.create_dataset("sumsq", data=s.sumsq.astype(np.float64))
+        if s.per_image is not None:
+            g.attrs["images"] = np.int64(s.per_image.images)
+            g.create_dataset("img_sum", data=s.per_image.sum.astype(np.float64))
+            g.create_dataset("img_sumsq", data=s.per_image.sumsq.astype(np.float64))
 
 
 def read_stats(path: str | os.PathLike[str]) -> StatsRecord:
@@ -118,9 +127,17 @@ def _check_header(f: Any, p: Path) -> None:
 
 
 def _read_layer(g: Any) -> LayerStats:
+    per_image = None
+    if "img_sum" in g:
+        per_image = ImageMoments(
+            np.asarray(g["img_sum"][()], dtype=np.float64),
+            np.asarray(g["img_sumsq"][()], dtype=np.float64),
+            int(g.attrs["images"]),
+        )
     return LayerStats(
         str(g.attrs["name"]),
         np.asarray(g["sum"][()], dtype=np.float64),
         np.asarray(g["sumsq"][()], dtype=np.float64),
         int(g.attrs["count"]),
+        per_image,
     )

@@ -345,11 +345,14 @@ def iter_batches(
     start: int = 0,
     workers: int = 2,
     prefetch: int = 2,
+    block: int | None = None,
 ) -> Iterator[Batch]:
     """Decode ``items[start:]`` in threads and yield full batches of good images, in order.
 
-    A batch holds exactly ``batch_size`` images except the last. ``Batch.end`` is the position
-    after the last item consumed, so a run can resume from there and count each image once.
+    A batch holds exactly ``batch_size`` images except the last, and, with ``block``, the last
+    one before each multiple of ``block`` (a run's check points, where it may stop).
+    ``Batch.end`` is the position after the last item consumed, so a run can resume from there
+    and count each image once.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -379,7 +382,8 @@ def iter_batches(
                     names.append(item)
                 except ImageSkip as e:
                     skipped.append((item, e.reason, e.detail))
-                if len(images) == batch_size or (not pending and position >= len(items)):
+                boundary = block is not None and (index + 1) % block == 0
+                if len(images) == batch_size or boundary or (not pending and position >= len(items)):
                     if images or skipped:
                         stacked = (
                             np.stack(images)

@@ -12,7 +12,7 @@ from typing import Protocol
 from ..core.statsrecord import StatsMeta
 from ..core.topology import Loaded
 from .data import Dataset
-from .measure import Counted, feature_net, measure
+from .measure import CHECK_EVERY, Counted, feature_net, measure
 
 
 class Engine(Protocol):
@@ -41,4 +41,5 @@ class LocalEngine:
     ) -> Generator[Counted, None, None]:  # fmt: skip
         net = feature_net(loaded, meta, batch_size)
         return measure(net, ds, items, meta.decode, batch_size, start=start,
-                       workers=self.workers, strict=strict)  # fmt: skip
+                       workers=self.workers, strict=strict,
+                       block=meta.check_every or CHECK_EVERY)  # fmt: skip

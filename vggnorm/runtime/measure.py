@@ -16,6 +16,10 @@ from ..core.statsrecord import StatsMeta
 from ..core.topology import Loaded
 from .data import Dataset, iter_batches
 
+#: Items of the selection between a run's check points: every engine ends a batch (and Ray a
+#: block) at each multiple, so the statistics at a check point never depend on the engine.
+CHECK_EVERY = 128
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -25,6 +29,7 @@ class Progress:
     total: int
     images: int
     skipped: int
+    precision: float | None = None  # at the last check point: the figure a target bounds
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,13 @@ def measure(
     start: int = 0,
     workers: int = 2,
     strict: bool = False,
+    block: int | None = None,
 ) -> Generator[Counted, None, None]:
     """Decode ``items[start:]`` and run them through ``net`` batch by batch: one
-    :class:`Counted` per batch. The single step both the local loop and the Ray workers run."""
-    for batch in iter_batches(ds, items, decode, batch_size, start=start, workers=workers):
+    :class:`Counted` per batch, a batch ending at every multiple of ``block``. The single step
+    both the local loop and the Ray workers run."""
+    for batch in iter_batches(ds, items, decode, batch_size, start=start, workers=workers,
+                              block=block):  # fmt: skip
         if strict and batch.skipped:
             _, reason, detail = batch.skipped[0]
             raise DatasetError(f"{reason}: {detail} (strict: skips are errors)")
@@ -64,8 +72,9 @@ def measure(
         if batch.items:
             sums = net.moments(batch.images)
             layers = accumulate(
-                layers, {k: (s, sq) for k, (s, sq, _) in sums.items()},
-                {k: n for k, (_, _, n) in sums.items()},
+                layers, {k: (s, sq) for k, (s, sq, _, _) in sums.items()},
+                {k: n for k, (_, _, n, _) in sums.items()},
+                {k: im for k, (_, _, _, im) in sums.items()},
             )  # fmt: skip
         yield Counted(layers, tuple(batch.items), tuple(batch.skipped), batch.end)
 

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from ..core.archs import ActivationSpec, Arch, ConvSpec, DenseSpec, HeadSpec, NormSpec, PoolSpec
 from ..core.errors import WeightFileError
 from ..core.inputs import CAFFE_MEAN_BGR, TORCH_MEAN, TORCH_STD, Precision, Preprocess
+from ..core.stats import ImageMoments
 from ..core.weightset import BN_ROLES, CONV_ROLES
 
 
@@ -251,8 +252,9 @@ class FeatureNet:
 
     def moments(
         self, images: npt.NDArray[np.uint8]
-    ) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-        """Per conv: float64 (sum, sumsq) over the batch's activations and the value count.
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, int, ImageMoments]]:
+        """Per conv: float64 (sum, sumsq) over the batch's activations, the value count, and the
+        moments of the images' own means.
 
         A batch smaller than ``batch_size`` is padded with black images that are left out of
         the sums: the CPU convolution kernels round differently for different batch sizes
@@ -270,7 +272,8 @@ class FeatureNet:
             total = np.zeros(per_image.shape[1:])
             for image in per_image:  # image by image: the same order in every grouping
                 total += image
-            sums[name] = (total[0], total[1], n * self._spatial[name])
+            spatial = self._spatial[name]
+            sums[name] = (total[0], total[1], n * spatial, ImageMoments.of(per_image[:, 0] / spatial))
         return sums
 
     def activations(self, images: npt.NDArray[np.uint8]) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """Run the measuring step on a Ray cluster (``--ray``): same images, same order, same result.
 
-The selection ``items[start:]`` is cut into fixed blocks of ``block_batches * batch_size`` items.
+The selection ``items[start:]`` is cut into fixed blocks that end at the run's check points
+(every ``meta.check_every`` items of the selection, counted from its start, whatever ``start``).
 Each image's statistics do not depend on the batch it falls in (:meth:`FeatureNet.moments` pads
 every batch to the full batch size), so a block's sums are exactly the sums of its images.
 Each worker is a Ray actor that builds the network once (:func:`vggnorm.runtime.measure.feature_net`, the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,20 +32,32 @@ from ..core.errors import DatasetError, VggnormError
 from ..core.statsrecord import StatsMeta
 from ..core.topology import Loaded
 from .data import Dataset
-from .measure import Counted
+from .measure import CHECK_EVERY, Counted
 
-#: Items per block, in batches: big enough that a block's result (a few MB of sums) and its
-#: scheduling are small next to its forward passes, small enough to spread and to lose little.
-BLOCK_BATCHES = 8
 #: Blocks queued on one worker at a time, so it never waits for the driver between blocks.
 DEPTH = 2
 #: Attempts of one block (after Ray's own retries) before the run fails.
 BLOCK_ATTEMPTS = 3
+#: How long the driver waits for a block before it checks that the cluster's head answers.
+WAIT_S = 2.0
+#: A head that has not answered for this long is lost: the run ends with its progress saved,
+#: well before Ray itself gives up on its head (60 s) and terminates the driver process.
+HEAD_GRACE_S = 15.0
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def _first_line(e: BaseException) -> str:
     return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _answers(address: str) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within a second."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _ray() -> Any:
@@ -138,7 +152,6 @@ class RayEngine:
             without GPUs).
         batch_size: images per forward pass (the call's ``batch_size`` wins; kept for
             ``description``).
-        block_batches: batches per block.
         report: called with each line of the per-worker summary at the end of a run.
         max_restarts: Ray restarts of a killed worker (each retrying its queued blocks).
         init_kwargs: extra ``ray.init`` arguments when this engine starts or joins a cluster.
@@ -151,24 +164,23 @@ class RayEngine:
         workers: int | None = None,
         cpus_per_worker: float = 2,
         batch_size: int = 16,
-        block_batches: int = BLOCK_BATCHES,
         report: Callable[[str], None] | None = None,
         max_restarts: int = 3,
         init_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if workers is not None and workers < 1:
             raise ValueError("workers must be >= 1")
-        if block_batches < 1 or cpus_per_worker <= 0:
-            raise ValueError("block_batches must be >= 1 and cpus_per_worker > 0")
+        if cpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker must be > 0")
         self.address = address
         self.workers = workers
         self.cpus_per_worker = cpus_per_worker
         self.batch_size = batch_size
-        self.block_batches = block_batches
         self.report = report
         self.max_restarts = max_restarts
         self.init_kwargs = dict(init_kwargs or {})
         self.description = f"ray ({address or 'local cluster'})"
+        self.lost = False  # the head stopped answering during the last run
         #: The workers of the current run (their ``where`` has ``pid``, ``node_ip``, ...).
         self.slots: list[_Slot] = []
         #: One line per worker after a completed run.
@@ -184,6 +196,7 @@ class RayEngine:
         started = False
         refs: dict[Any, tuple[int, _Slot]] = {}  # running blocks: start position, worker
         self.slots = []
+        self.lost = False
         try:
             if not ray.is_initialized():
                 kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
@@ -197,14 +210,21 @@ class RayEngine:
                 started = True
             yield from self._run(ray, loaded, ds, items, meta, batch_size, start, strict, refs)
         finally:
-            for ref in refs:
-                with contextlib.suppress(Exception):  # finished, or its worker is gone
-                    ray.cancel(ref)
-            for slot in self.slots:
-                with contextlib.suppress(Exception):  # already dead
-                    ray.kill(slot.handle, no_restart=True)
-            if started:
-                ray.shutdown()
+            self._stop(ray, refs, started)
+
+    def _stop(self, ray: Any, refs: dict[Any, tuple[int, _Slot]], started: bool) -> None:
+        """Cancel the outstanding blocks and kill the workers; a lost cluster is left alone
+        (every call to it would wait for a head that is gone)."""
+        if self.lost:
+            return
+        for ref in refs:
+            with contextlib.suppress(Exception):  # finished, or its worker is gone
+                ray.cancel(ref)
+        for slot in self.slots:
+            with contextlib.suppress(Exception):  # already dead
+                ray.kill(slot.handle, no_restart=True)
+        if started:
+            ray.shutdown()
 
     def _plan(self, ray: Any) -> tuple[int, dict[str, Any], int]:
         """Number of workers, their actor options, and decoding threads each."""
@@ -251,8 +271,10 @@ class RayEngine:
                 batch_size)  # fmt: skip
         self.slots = [self._start(ray, cls, args) for _ in range(n)]
         self._check(ray, self.slots, ds)
-        size = self.block_batches * batch_size
-        pending = list(range(start, len(items), size))  # block starts not yet submitted
+        # Blocks end at the check points: a run's statistics at each one never depend on the
+        # engine. A block's result (a few MB of sums) is small next to its forward passes.
+        size = meta.check_every or CHECK_EVERY
+        pending = [start, *range((start // size + 1) * size, len(items), size)]  # not submitted
         pending.reverse()
         done: dict[int, Counted] = {}
         attempts: dict[int, int] = {}
@@ -265,7 +287,7 @@ class RayEngine:
                 yield counted
                 continue
             self._submit(pending, refs, size, len(items), batch_size, strict)
-            ready, _ = ray.wait(list(refs), num_returns=1)
+            ready = self._wait(ray, list(refs))
             for ref in ready:
                 s, slot = refs.pop(ref)
                 slot.inflight -= 1
@@ -279,6 +301,38 @@ class RayEngine:
                 done[s] = result
         self._summarize(time.monotonic() - t0)
 
+    def _wait(self, ray: Any, refs: list[Any], num_returns: int = 1) -> list[Any]:
+        """The next ``num_returns`` finished results; checks, while they are not there, that the
+        cluster's head answers.
+
+        Raises:
+            VggnormError: the head has not answered for :data:`HEAD_GRACE_S` (the cluster is
+                gone: its progress is saved by the caller, and ``--resume`` continues).
+        """
+        from ray.exceptions import RaySystemError
+
+        address = ray.get_runtime_context().gcs_address
+        silent_since: float | None = None
+        while True:
+            try:
+                ready, _ = ray.wait(refs, num_returns=num_returns, timeout=WAIT_S)
+            except (OSError, RaySystemError) as e:  # the raylet this driver talks to is gone
+                self.lost = True
+                raise VggnormError(f"lost the Ray cluster: {_first_line(e)}") from e
+            if len(ready) == num_returns:
+                return list(ready)
+            if _answers(address):
+                silent_since = None
+                continue
+            now = time.monotonic()
+            silent_since = silent_since or now
+            if now - silent_since >= HEAD_GRACE_S:
+                self.lost = True
+                raise VggnormError(
+                    f"lost the Ray cluster: its head at {address} has not answered for "
+                    f"{now - silent_since:.0f} s"
+                )
+
     def _submit(
         self, pending: list[int], refs: dict[Any, tuple[int, _Slot]], size: int, n_items: int,
         batch_size: int, strict: bool,
@@ -290,7 +344,8 @@ class RayEngine:
                 return
             slot = min(free, key=lambda x: x.inflight)
             s = pending.pop()
-            ref = slot.handle.block.remote(s, min(s + size, n_items), batch_size, strict)
+            end = min((s // size + 1) * size, n_items)  # the next check point
+            ref = slot.handle.block.remote(s, end, batch_size, strict)
             refs[ref] = (s, slot)
             slot.inflight += 1
 
@@ -328,8 +383,10 @@ class RayEngine:
         """Each worker's node and whether it reads the dataset root: a clear error if not."""
         from ray.exceptions import RayActorError, RayTaskError
 
+        refs = [s.handle.where.remote() for s in slots]
+        self._wait(ray, refs, len(refs))  # a worker may take long to start; a dead head does not
         try:
-            wheres = ray.get([s.handle.where.remote() for s in slots])
+            wheres = ray.get(refs)
         except RayActorError as e:  # its __init__ failed (no Keras on the node, bad weights...)
             raise VggnormError(
                 f"a Ray worker failed to start: {_first_line(e)}; is vggnorm installed on every "
