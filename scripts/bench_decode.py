@@ -3,7 +3,7 @@
     python scripts/bench_decode.py [--images 200] [--size 224] [--threads 1,2]
 
 ``vggnorm.runtime.data.load_image`` (the decoding every run uses) on COCO-like 640x480 JPEGs
-(scripts/bench_stats.py ``make_jpegs``), full decode and ``--draft`` (DCT-domain reduced), with 1
+(``fixtures/photos.py`` ``write_coco_like_jpegs``), full decode and ``--draft`` (DCT-domain reduced), with 1
 and 2 threads; prints images/s and images/s per thread (= per core when threads <= cores).
 """
 
@@ -17,11 +17,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stats import REPO, make_jpegs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fixtures package
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from fixtures.photos import write_coco_like_jpegs
 
 
 def main() -> int:
@@ -34,7 +32,7 @@ def main() -> int:
     from vggnorm.runtime.data import load_image
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_jpegs(Path(tmp), 0, a.images)
+        paths = write_coco_like_jpegs(Path(tmp), 0, a.images)
         for path in paths:  # warm the page cache: measure decoding, not the disk
             path.read_bytes()
         print(f"{a.images} JPEGs ~640x480 q90, to {a.size}x{a.size}, {os.cpu_count()} CPUs")

@@ -3,8 +3,9 @@ here and on a local Ray cluster with 1 and 2 workers, and the overhead against s
 
     python scripts/bench_ray.py [--images 64] [--batch-size 16] [--size 224]
 
-Weights: a seeded random VGG16 notop (scripts/bench_stats.py ``make_weights``); images: COCO-like
-640x480 JPEGs (``make_jpegs``). Wall time of the whole call, from weights to the last block
+Weights: a seeded random VGG16 notop (``fixtures/keras_files.py`` ``vgg16_notop_weights``, or
+Keras's cached ImageNet file); images: COCO-like 640x480 JPEGs (``fixtures/photos.py``
+``write_coco_like_jpegs``). Wall time of the whole call, from weights to the last block
 (the Ray runs include building each worker's network, not the cluster start).
 """
 
@@ -17,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stats import REPO, make_jpegs, make_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fixtures package
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from fixtures.keras_files import vgg16_notop_weights
+from fixtures.photos import write_coco_like_jpegs
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -39,8 +40,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        make_jpegs(work / "data", 0, a.images)
-        weights, note = make_weights(work)
+        write_coco_like_jpegs(work / "data", 0, a.images)
+        weights, note = vgg16_notop_weights(work)
         print(f"weights: {note}\n{a.images} images, batch {a.batch_size}, {a.size}x{a.size}, "
               f"{os.cpu_count()} CPUs")  # fmt: skip
         kw = {"decode": Decode(a.size), "batch_size": a.batch_size}

@@ -16,7 +16,7 @@ the band that the border of ``conv1_1`` reaches at this layer (one pixel at conv
 ``FUNCTION_TOL`` (1e-4) of ``max|a|``, the bound ``vggnorm verify`` holds a function to.
 
 Weights: Keras's ImageNet ``*_notop.h5`` from ``~/.keras/models`` when cached, else a seeded
-He-normal random VGG (``tests/keras_files.py`` ``tiny_vgg``); the output says which.
+He-normal random VGG (``fixtures/keras_files.py`` ``tiny_vgg``); the output says which.
 
     python scripts/export_border.py [--images 4] [--size 224]
 """
@@ -37,7 +37,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fixtures package
+
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -63,7 +64,7 @@ def keras_vgg(arch: str, size: int, tmp: Path) -> tuple[Any, Path, str]:
     if cached.is_file():
         model = build(weights=str(cached), include_top=False, input_shape=(size, size, 3))
         return model, cached, f"Keras ImageNet weights ({cached})"
-    from keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
 
     model = tiny_vgg(include_top=False, arch=arch, size=size, seed=0)
     path = save_downloaded_layout(model, tmp / f"{arch}.h5")
@@ -82,7 +83,7 @@ def keras_acts(model: Any, rgb: np.ndarray) -> tuple[list[str], list[np.ndarray]
 
 def bands(arch: str, size: int) -> list[int]:
     """Per conv, the width of the band conv1_1's border outputs reach, in that layer's pixels."""
-    from torch_vgg import CFGS
+    from fixtures.torch_vgg import CFGS
 
     out, band = [], 0
     for v in CFGS[arch]:
@@ -116,12 +117,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args()
-    sys.path.insert(0, str(TESTS))
     import torch
-    from photos import write_photos
     from safetensors.torch import load_file
-    from torch_vgg import TorchvisionVGG, adain_relu_outputs, adain_vgg
 
+    from fixtures.photos import write_photos
+    from fixtures.torch_vgg import TorchvisionVGG, adain_relu_outputs, adain_vgg
     from vggnorm.commands.export import export
     from vggnorm.core.inputs import Decode
     from vggnorm.runtime.data import load_image
@@ -134,7 +134,7 @@ def main() -> None:
         names = [f"img{i}.png" for i in range(args.images)]
         write_photos(tmp / "images", names, seed=0, max_side=400)
         rgb = np.stack([load_image(tmp / "images" / n, Decode(args.size)) for n in names])
-        print(f"{len(rgb)} photo-like images (tests/photos.py, seed 0), {args.size}x{args.size}")
+        print(f"{len(rgb)} photo-like images (fixtures/photos.py, seed 0), {args.size}x{args.size}")
 
         def nchw(x: np.ndarray) -> Any:
             return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

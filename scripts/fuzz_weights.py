@@ -28,78 +28,37 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fixtures import damaged as dm
 from vggnorm.core.errors import VggnormError
-from vggnorm.core.inputs import Decode
-from vggnorm.core.stats import LayerStats
-from vggnorm.core.statsrecord import StatsMeta, StatsRecord
 from vggnorm.formats import _guard as guard
 from vggnorm.formats.keras_h5 import _read as _read_weights  # the reader, unguarded
 from vggnorm.formats.registry import read_weights
-from vggnorm.formats.statsfile import _read_stats, read_stats, write_stats
+from vggnorm.formats.statsfile import _read_stats, read_stats
 
-FLIPS = (0x01, 0x10, 0x80, 0xFF)
-VGG16 = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
-         (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]  # fmt: skip
+DENSE = ("fc1", "fc2", "predictions")
 
 
-CONV_NAMES = [
-    f"block{b}_conv{c}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for c in range(1, n + 1)
-]
-
-
-def write_legacy(path: Path, convs: list[tuple[int, int]], dense: list[tuple[int, int]]) -> Path:
+def write_legacy(
+    path: Path, convs: Sequence[tuple[int, int]], dense: list[tuple[int, int]]
+) -> Path:
     """A keras.applications-style legacy file of random float32 weights (contiguous datasets)."""
-    rng = np.random.default_rng(0)
-    layers = [(CONV_NAMES[i], (3, 3, a, b), b) for i, (a, b) in enumerate(convs)]
-    layers += [(n, (a, b), b) for n, (a, b) in zip(("fc1", "fc2", "predictions"), dense)]
-    with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = np.array([n.encode() for n, _, _ in layers])
-        for name, kshape, n_out in layers:
-            g = f.create_group(name)
-            g.attrs["weight_names"] = np.array([f"{name}_W_1:0".encode(), f"{name}_b_1:0".encode()])
-            g.create_dataset(f"{name}_W_1:0", data=rng.standard_normal(kshape, dtype=np.float32))
-            g.create_dataset(f"{name}_b_1:0", data=rng.standard_normal(n_out, dtype=np.float32))
-    return path
+    layers = dm.conv_layers(dm.VGG16_CONV_NAMES[: len(convs)], convs)
+    layers += [(name, shape) for name, shape in zip(DENSE, dense)]
+    return dm.write_legacy_h5(path, layers, seed=0)
 
 
 def write_stats_file(path: Path) -> Path:
     """A stats file for a 13-conv model (what `vggnorm stats` writes), 3 images, 1 skipped."""
-    meta = StatsMeta(
-        model="vgg16", fingerprint="f" * 64, weights="w.h5", decode=Decode(size=224, resize="shorter-center-crop", interpolation="bicubic", draft=False),
-           preprocess="caffe",
-        precision="fp32", dataset_kind="folder", dataset_path="/d", dataset_root="/d",
-        annotations=None, dataset_items=4, selection_sha256="0" * 64, selection_size=4,
-        complete=True,
-    )  # fmt: skip
-    rng = np.random.default_rng(0)
-    layers = tuple(
-        LayerStats(name, rng.uniform(1, 2, b), rng.uniform(3, 4, b), 1000)
-        for name, (_, b) in zip(CONV_NAMES, VGG16)
-    )
-    skipped = (("d.jpg", "decode", "cannot identify image file"),)
-    write_stats(path, StatsRecord(meta, layers, ("a.jpg", "b.jpg", "c.jpg"), skipped))
-    return path
-
-
-def metadata_offsets(path: Path) -> np.ndarray:
-    mask = np.ones(path.stat().st_size, dtype=bool)
-
-    def visit(_: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset) and obj.id.get_offset() is not None:
-            start = obj.id.get_offset()
-            mask[start : start + obj.id.get_storage_size()] = False
-
-    with h5py.File(path, "r") as f:
-        f.visititems(visit)
-    return np.flatnonzero(mask)
+    convs = [(name, b) for name, (_, b) in zip(dm.VGG16_CONV_NAMES, dm.VGG16_CONVS)]
+    return dm.write_stats_file(path, convs, seed=0, count=1000, n_images=3)
 
 
 def _unguarded_child(path: str, conn: Any, stats: bool) -> None:
@@ -146,25 +105,21 @@ def guarded(path: Path, timeout: float, stats: bool) -> str:
 
 def fuzz(src: Path, positions: int, seed: int, timeout: float, work: Path, stats: bool) -> None:
     data = src.read_bytes()
-    offsets = metadata_offsets(src)
-    rng = np.random.default_rng(seed)
-    picked = sorted(rng.choice(offsets, size=min(positions, len(offsets)), replace=False))
+    offsets = dm.metadata_offsets(len(data), dm.raw_storage(src, strict=False))
+    flips = dm.sample_flips(offsets, positions, seed)
     counts: dict[str, collections.Counter[str]] = {"unguarded": collections.Counter(),
                                                    "guarded": collections.Counter()}  # fmt: skip
     seconds = {"unguarded": 0.0, "guarded": 0.0}
-    for offset in picked:
-        mask = FLIPS[int(rng.integers(len(FLIPS)))]
-        damaged = bytearray(data)
-        damaged[offset] ^= mask
+    for offset, mask in flips:
         path = work / f"flip_{offset}_{mask:02x}{src.suffix}"
-        path.write_bytes(damaged)
+        path.write_bytes(dm.flipped(data, offset, mask))
         for name, reader in (("unguarded", unguarded), ("guarded", guarded)):
             t0 = time.perf_counter()
             counts[name][reader(path, timeout, stats)] += 1
             seconds[name] += time.perf_counter() - t0
         path.unlink()
     print(f"file {src.name}: {len(data)} bytes, {len(offsets)} outside dataset storage; "
-          f"{len(picked)} single-byte flips (seed {seed}), deadline {timeout:g} s")  # fmt: skip
+          f"{len(flips)} single-byte flips (seed {seed}), deadline {timeout:g} s")  # fmt: skip
     for name in ("unguarded", "guarded"):
         c = counts[name]
         print(f"  {name:9s}  ok {c['ok']:4d}  clean error {c['clean']:4d}  other exception "
@@ -193,7 +148,9 @@ def overhead(work: Path) -> None:
             times.append(time.perf_counter() - t0)
         print(f"{method:10s} first call {first:.3f} s, then median {np.median(times):.4f} s "
               f"(min {min(times):.4f}, max {max(times):.4f})")  # fmt: skip
-    big = write_legacy(work / "vgg16_full.h5", VGG16, [(25088, 4096), (4096, 4096), (4096, 1000)])
+    big = write_legacy(
+        work / "vgg16_full.h5", dm.VGG16_CONVS, [(25088, 4096), (4096, 4096), (4096, 1000)]
+    )
     print(f"VGG16-sized file: {big.stat().st_size / 1e6:.0f} MB (page cache warm)")
     _read_weights(big)
     rows = collections.defaultdict(list)
@@ -234,7 +191,7 @@ def main() -> None:
             src = write_stats_file(work / "stats.h5")
         else:
             # VGG16's 16 layers and names (so the same metadata), channels divided by 16.
-            small = [(max(a // 16, 3), b // 16) for a, b in VGG16]
+            small = [(max(a // 16, 3), b // 16) for a, b in dm.VGG16_CONVS]
             src = args.file or write_legacy(work / "vgg16_small.h5", small, [(1568, 256),
                                             (256, 256), (256, 100)])  # fmt: skip
         fuzz(src, args.positions, args.seed, args.timeout, work, stats=args.stats)

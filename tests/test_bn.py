@@ -139,9 +139,8 @@ def test_write_bn_model_refuses_existing_output(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from keras_files import save_downloaded_layout, tiny_vgg
-    from photos import write_photos
-
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.photos import write_photos
     from vggnorm.commands.stats import collect_stats
     from vggnorm.core.inputs import Decode
     from vggnorm.core.topology import bind
@@ -268,7 +267,7 @@ def test_written_keras_file_loads_and_matches(tiny: dict[str, Any], tmp_path: Pa
 
 @pytest.mark.keras
 def test_stats_of_another_model_are_refused(tiny: dict[str, Any], tmp_path: Path) -> None:
-    from keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
 
     other = save_downloaded_layout(tiny_vgg(include_top=False, seed=1), tmp_path / "other.h5")
     with pytest.raises(StatsError, match="fingerprint"):
@@ -278,8 +277,7 @@ def test_stats_of_another_model_are_refused(tiny: dict[str, Any], tmp_path: Path
 
 @pytest.mark.keras
 def test_top_with_identity_dense_bn(tiny: dict[str, Any], tmp_path: Path) -> None:
-    from keras_files import save_downloaded_layout, tiny_vgg
-
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
     from vggnorm.core.topology import bind, fingerprint
     from vggnorm.formats.registry import read_weights
     from vggnorm.runtime.bn_network import build_bn_model

@@ -11,8 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from photos import write_photos
 
+from fixtures.photos import write_photos
 from vggnorm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, main
 from vggnorm.formats.statsfile import read_stats
 
@@ -23,7 +23,7 @@ def _images(root: Path, names: list[str], seed: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def vgg16_notop(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
 
     path = tmp_path_factory.mktemp("w") / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
     return save_downloaded_layout(tiny_vgg(include_top=False, arch="vgg16"), path)
@@ -31,7 +31,7 @@ def vgg16_notop(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vgg19_top(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
 
     path = tmp_path_factory.mktemp("w") / "vgg19_weights_tf_dim_ordering_tf_kernels.h5"
     return save_downloaded_layout(tiny_vgg(include_top=True, arch="vgg19"), path)
@@ -199,7 +199,7 @@ def test_apply_refuses_stats_of_another_model_and_existing_output(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
 
     monkeypatch.chdir(tmp_path)
     _images(tmp_path / "imgs", ["a.jpg", "b.jpg"])

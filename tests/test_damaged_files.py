@@ -7,141 +7,49 @@ structures) and reads each damaged file through :func:`vggnorm.formats._guard.ru
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import struct
 import threading
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
 
+from fixtures import damaged as dm
 from vggnorm.core.errors import DatasetError, StatsError, VggnormError, WeightFileError
-from vggnorm.core.inputs import Decode
-from vggnorm.core.stats import LayerStats
-from vggnorm.core.statsrecord import StatsMeta, StatsRecord
 from vggnorm.formats import _guard as guard
 from vggnorm.formats._guard import read_timeout, run_guarded
 from vggnorm.formats.registry import adapter_for, read_weights
-from vggnorm.formats.statsfile import _read_stats, read_stats, write_stats
+from vggnorm.formats.statsfile import _read_stats, read_stats
 
 #: Deadline of one fuzzed read. A tiny file reads in milliseconds; this only bounds a hang.
 FUZZ_TIMEOUT = 5.0
 #: What a killed child may add on top of its deadline (kill, reap, a loaded 2-core machine).
 MARGIN = 5.0
-FLIPS = (0x01, 0x10, 0x80, 0xFF)  # XOR masks: low bit, middle bit, sign bit, every bit
-
 CONVS = ((3, 4), (4, 8), (8, 8))  # a tiny 3-conv chain: (in, out) channels
+LAYERS = dm.conv_layers([f"block1_conv{i + 1}" for i in range(len(CONVS))], CONVS)
+STATS_CONVS = [(name, o) for (name, _), (_, o) in zip(LAYERS, CONVS)]
 
 
-def conv_arrays(seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [
-        (rng.standard_normal((3, 3, i, o), dtype=np.float32), rng.standard_normal(o, np.float32))
-        for i, o in CONVS
-    ]
+def conv_arrays() -> list[tuple[np.ndarray, np.ndarray]]:
+    return dm.layer_arrays(LAYERS, seed=0)
 
 
 def write_legacy_h5(path: Path) -> Path:
     """The layout of keras.applications downloads: ``layer_names``, ``<layer>_W_1:0``."""
-    names = [f"block1_conv{i + 1}" for i in range(len(CONVS))]
-    with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = np.array([n.encode() for n in names])
-        for name, (w, b) in zip(names, conv_arrays()):
-            g = f.create_group(name)
-            g.attrs["weight_names"] = np.array([f"{name}_W_1:0".encode(), f"{name}_b_1:0".encode()])
-            g.create_dataset(f"{name}_W_1:0", data=w)
-            g.create_dataset(f"{name}_b_1:0", data=b)
-    return path
+    return dm.write_legacy_h5(path, LAYERS, seed=0)
 
 
 def write_weights_h5(path: Path) -> Path:
     """Keras 3 ``model.weights.h5``: ``layers/conv2d/vars/0`` and ``/1``."""
-    with h5py.File(path, "w") as f:
-        for i, (w, b) in enumerate(conv_arrays()):
-            v = f.create_group(f"layers/conv2d{f'_{i}' if i else ''}/vars")
-            v.create_dataset("0", data=w)
-            v.create_dataset("1", data=b)
-    return path
-
-
-def write_keras_zip(path: Path, inner: bytes) -> Path:
-    """A ``.keras`` archive around ``inner`` (stored, so its bytes sit unchanged in the zip)."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("metadata.json", json.dumps({"keras_version": "3.15.1"}))
-        z.writestr("config.json", json.dumps({"class_name": "Sequential", "config": {}}))
-        z.writestr("model.weights.h5", inner)
-    return path
+    return dm.write_weights_h5(path, LAYERS, seed=0)
 
 
 def write_stats_file(path: Path) -> Path:
-    meta = StatsMeta(
-        model="vgg16", fingerprint="f" * 64, weights="w.h5", decode=Decode(size=224, resize="shorter-center-crop", interpolation="bicubic", draft=False),
-           preprocess="caffe",
-        precision="fp32", dataset_kind="folder", dataset_path="/d", dataset_root="/d",
-        annotations=None, dataset_items=3, selection_sha256="0" * 64, selection_size=3,
-        complete=True,
-    )  # fmt: skip
-    rng = np.random.default_rng(1)
-    layers = tuple(
-        LayerStats(f"block1_conv{i + 1}", rng.uniform(1, 2, o), rng.uniform(3, 4, o), 100)
-        for i, (_, o) in enumerate(CONVS)
-    )
-    skipped = (("c.jpg", "decode", "cannot identify image file"),)
-    write_stats(path, StatsRecord(meta, layers, ("a.jpg", "b.jpg"), skipped))
-    return path
-
-
-def raw_storage(path: Path) -> list[tuple[int, int]]:
-    """``[start, end)`` of every dataset's raw data; all datasets must be contiguous."""
-    spans: list[tuple[int, int]] = []
-
-    def visit(_: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset):
-            assert obj.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS, obj.name
-            offset = obj.id.get_offset()
-            assert offset is not None, obj.name  # storage allocated, so its bytes are known
-            spans.append((offset, offset + obj.id.get_storage_size()))
-
-    with h5py.File(path, "r") as f:
-        f.visititems(visit)
-    return spans
-
-
-def metadata_offsets(size: int, data: list[tuple[int, int]]) -> np.ndarray:
-    mask = np.ones(size, dtype=bool)
-    for a, b in data:
-        mask[a:b] = False
-    return np.flatnonzero(mask)
-
-
-def sample_flips(offsets: np.ndarray, n: int, seed: int) -> list[tuple[int, int]]:
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(offsets, size=min(n, len(offsets)), replace=False)
-    return [(int(o), FLIPS[int(rng.integers(len(FLIPS)))]) for o in sorted(picked)]
-
-
-def flipped(data: bytes, offset: int, mask: int) -> bytes:
-    b = bytearray(data)
-    b[offset] ^= mask
-    return bytes(b)
-
-
-def zip_member_data(path: Path, name: str) -> tuple[int, int]:
-    """``[start, end)`` of a stored member's bytes inside the zip."""
-    with zipfile.ZipFile(path) as z:
-        info = z.getinfo(name)
-    with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = struct.unpack("<HH", f.read(4))
-    start = info.header_offset + 30 + name_len + extra_len
-    return start, start + info.compress_size
+    return dm.write_stats_file(path, STATS_CONVS, seed=1, count=100, n_images=2)
 
 
 def check_outcome(
@@ -205,7 +113,9 @@ def guard_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_fixtures_read_intact_and_the_same_as_in_process(tmp_path: Path) -> None:
     legacy = write_legacy_h5(tmp_path / "w.h5")
-    keras = write_keras_zip(tmp_path / "m.keras", write_weights_h5(tmp_path / "i.h5").read_bytes())
+    keras = dm.write_keras_zip(
+        tmp_path / "m.keras", write_weights_h5(tmp_path / "i.h5").read_bytes()
+    )
     stats = write_stats_file(tmp_path / "s.h5")
     for path in (legacy, keras):
         got, want = read_weights(path), adapter_for(path)._read(path)  # guarded vs in process
@@ -226,11 +136,11 @@ def test_fixtures_read_intact_and_the_same_as_in_process(tmp_path: Path) -> None
 def test_legacy_h5_metadata_flips(tmp_path: Path) -> None:
     src = write_legacy_h5(tmp_path / "src.h5")
     data = src.read_bytes()
-    offsets = metadata_offsets(len(data), raw_storage(src))
+    offsets = dm.metadata_offsets(len(data), dm.raw_storage(src))
     outcomes = []
-    for offset, mask in sample_flips(offsets, 60, seed=10):
+    for offset, mask in dm.sample_flips(offsets, 60, seed=10):
         path = tmp_path / f"legacy_{offset}_{mask:02x}.h5"
-        path.write_bytes(flipped(data, offset, mask))
+        path.write_bytes(dm.flipped(data, offset, mask))
         outcomes.append(check_outcome(path, read_weights, WeightFileError, weights_ok))
     assert outcomes.count("error") > 0  # the flips did hit structure that matters
 
@@ -238,11 +148,11 @@ def test_legacy_h5_metadata_flips(tmp_path: Path) -> None:
 def test_stats_file_metadata_flips(tmp_path: Path) -> None:
     src = write_stats_file(tmp_path / "src.h5")
     data = src.read_bytes()
-    offsets = metadata_offsets(len(data), raw_storage(src))
+    offsets = dm.metadata_offsets(len(data), dm.raw_storage(src))
     outcomes = []
-    for offset, mask in sample_flips(offsets, 45, seed=11):
+    for offset, mask in dm.sample_flips(offsets, 45, seed=11):
         path = tmp_path / f"stats_{offset}_{mask:02x}.h5"
-        path.write_bytes(flipped(data, offset, mask))
+        path.write_bytes(dm.flipped(data, offset, mask))
         outcomes.append(check_outcome(path, read_stats, StatsError, stats_ok))
     assert outcomes.count("error") > 0
 
@@ -250,23 +160,23 @@ def test_stats_file_metadata_flips(tmp_path: Path) -> None:
 def test_keras_zip_metadata_flips(tmp_path: Path) -> None:
     inner_path = write_weights_h5(tmp_path / "inner.h5")
     inner = inner_path.read_bytes()
-    src = write_keras_zip(tmp_path / "src.keras", inner)
+    src = dm.write_keras_zip(tmp_path / "src.keras", inner)
     zipped = src.read_bytes()
     # Damage inside model.weights.h5 with a valid CRC (the archive was written that way) ...
-    flips = [("inner", o, m) for o, m in sample_flips(
-        metadata_offsets(len(inner), raw_storage(inner_path)), 30, seed=12)]  # fmt: skip
+    flips = [("inner", o, m) for o, m in dm.sample_flips(
+        dm.metadata_offsets(len(inner), dm.raw_storage(inner_path)), 30, seed=12)]  # fmt: skip
     # ... and damage to the archive's own structure (headers, directory, the JSON members).
-    start, end = zip_member_data(src, "model.weights.h5")
+    start, end = dm.zip_member_data(src, "model.weights.h5")
     assert zipped[start:end] == inner
     outside = np.concatenate([np.arange(start), np.arange(end, len(zipped))])
-    flips += [("zip", o, m) for o, m in sample_flips(outside, 15, seed=13)]
+    flips += [("zip", o, m) for o, m in dm.sample_flips(outside, 15, seed=13)]
     outcomes = []
     for where, offset, mask in flips:
         path = tmp_path / f"{where}_{offset}_{mask:02x}.keras"
         if where == "inner":
-            write_keras_zip(path, flipped(inner, offset, mask))
+            dm.write_keras_zip(path, dm.flipped(inner, offset, mask))
         else:
-            path.write_bytes(flipped(zipped, offset, mask))
+            path.write_bytes(dm.flipped(zipped, offset, mask))
         outcomes.append(check_outcome(path, read_weights, WeightFileError, keras_ok))
     assert outcomes.count("error") > 0
 
@@ -418,8 +328,8 @@ def test_the_fuzz_fixtures_really_hold_metadata_outside_the_data(tmp_path: Path)
     """The offsets the fuzz samples are real structure: the superblock signature is among them."""
     src = write_legacy_h5(tmp_path / "w.h5")
     data = src.read_bytes()
-    spans = raw_storage(src)
-    offsets = metadata_offsets(len(data), spans)
+    spans = dm.raw_storage(src)
+    offsets = dm.metadata_offsets(len(data), spans)
     assert data[:8] == b"\x89HDF\r\n\x1a\n" and set(range(8)) <= set(offsets.tolist())
     assert sum(b - a for a, b in spans) == sum(w.nbytes + b.nbytes for w, b in conv_arrays())
     assert len(offsets) == len(data) - sum(b - a for a, b in spans)

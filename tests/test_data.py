@@ -224,7 +224,7 @@ def test_broken_files_are_skipped_with_a_reason(tmp_path, name, content, reason)
     assert str(path) in info.value.detail
 
 
-def test_missing_file(tmp_path):
+def test_a_missing_image_is_skipped_as_missing(tmp_path):
     with pytest.raises(ImageSkip) as info:
         load_image(tmp_path / "gone.jpg", SMALL)
     assert info.value.reason == "missing"

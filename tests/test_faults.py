@@ -23,7 +23,7 @@ N_IMAGES = 14
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
 
     root = tmp_path_factory.mktemp("faults")
     rng = np.random.default_rng(5)

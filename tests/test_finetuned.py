@@ -26,7 +26,8 @@ SIZE = 32
 def _finetuned(head: str, seed: int = 0) -> Any:
     """VGG16 base nested in a Sequential with a Flatten->Dense->BN->Dense or GAP head."""
     import keras
-    from keras_files import tiny_vgg
+
+    from fixtures.keras_files import tiny_vgg
 
     base = tiny_vgg(include_top=False, size=SIZE, seed=seed)
     L = keras.layers

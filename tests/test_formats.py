@@ -1,9 +1,15 @@
-"""weights_io, keras_config, topology and normalize on hand-built files of every Keras layout.
+"""Keras weight files of every layout: vggnorm.formats (detect, read, write), topology and apply.
 
-No Keras here: the files come from ``h5_layouts.py`` (h5py, numpy, JSON), checked once against
-Keras 3.15.1 to be identical to what it writes. Most files use tiny widths (4-8 filters) and a model
-config; the two stock-width VGG16 files (60 MB each, built once per module) are only for what needs
-them: recognising a weights-only file from its conv shapes.
+The tests are parametrized over one list of layouts, :data:`LAYOUTS`. Most files are built by hand
+(``fixtures/h5_layouts.py``: h5py, numpy and JSON, checked once against Keras 3.15.1 to be
+identical to what it writes), at tiny widths (4-8 filters) and with a model config; the two
+stock-width VGG16 files (60 MB each, built once per module) are only for what needs them:
+recognising a weights-only file from its conv shapes. The ``keras/...`` layouts are written from
+tiny (32x32) stock-width ``keras.applications`` VGGs (``fixtures/keras_files.py``) and are marked
+``keras``: their tests also load each file back with Keras, the way a user would.
+
+The writer must change only the datasets it is given, copy everything else byte for byte, load
+back the way the input loads, and never leave a partial file behind.
 """
 
 from __future__ import annotations
@@ -22,15 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5_checks as checks
-import h5_layouts as hl
 import h5py
 import numpy as np
 import pytest
 
+from fixtures import h5_checks as checks
+from fixtures import h5_layouts as hl
+from fixtures import keras_files as kf
+from fixtures.records import DEAD_FILTERS, dead_filters, make_record
 from vggnorm.commands.apply import normalize
 from vggnorm.core import topology
-from vggnorm.core.errors import ArchitectureError, StatsError, WeightFileError
+from vggnorm.core.errors import ArchitectureError, StatsError, VggnormError, WeightFileError
 from vggnorm.formats._h5 import PROVENANCE_GROUP
 from vggnorm.formats.digest import sha256_file
 from vggnorm.formats.registry import (
@@ -45,12 +53,17 @@ from vggnorm.formats.statsfile import write_stats
 # Two float32 values that each round the same real number (to nearest) differ by at most
 # 2**-24 * |x| each, so by 2**-23 relative; the float64 arithmetic before the rounding adds ~1e-16.
 F32_TWO_ROUNDINGS = 2.0**-23 * (1 + 2.0**-20)
+# One float32 rounding (2**-24 relative) of a float64 product (2**-53).
+F32_ONE_ROUNDING = 2.0**-24 + 2.0**-52
+
+SIZE = 32  # input side of the Keras-built models
+SHAPE = (SIZE, SIZE, 3)
 
 
 @dataclass(frozen=True)
-class Case:
-    model: str  # key of MODELS
-    writer: str  # key of h5_layouts.WRITERS
+class Layout:
+    model: str  # key of MODELS (built by hand) or of KERAS_MODELS (built by Keras)
+    writer: str  # key of h5_layouts.WRITERS / KERAS_WRITERS
     filename: str
     format: str
     optimizer: bool = False
@@ -67,6 +80,19 @@ class Case:
     def has_config(self) -> bool:
         return self.format in ("legacy-h5-model", "keras-zip")
 
+    @property
+    def keras(self) -> bool:
+        """Written from a model Keras built: the test needs Keras."""
+        return self.model in KERAS_MODELS
+
+    @property
+    def arch(self) -> str:
+        return KERAS_MODELS[self.model][0]
+
+    @property
+    def top(self) -> bool:
+        return KERAS_MODELS[self.model][1]
+
 
 MODELS: dict[str, Callable[[], hl.Layer]] = {
     "vgg": lambda: hl.vgg("vgg16", size=32, seed=0),
@@ -76,41 +102,93 @@ MODELS: dict[str, Callable[[], hl.Layer]] = {
     "conv-bn-relu": lambda: hl.conv_bn_relu(seed=4),
     "stock": lambda: hl.vgg("vgg16", widths=hl.STOCK_WIDTHS, size=32, seed=5),
 }
+# keras.applications VGGs at SIZE (stock widths), kf.tiny_vgg: (arch, include_top, seed).
+KERAS_MODELS: dict[str, tuple[str, bool, int]] = {
+    "keras-vgg16": ("vgg16", False, 0),
+    "keras-vgg16-top": ("vgg16", True, 1),
+    "keras-vgg19": ("vgg19", False, 2),
+}
+KERAS_WRITERS: dict[str, Callable[..., Path]] = {
+    "downloaded": kf.save_downloaded_layout,
+    "keras2": kf.save_keras2_layout,
+    "keras3-legacy": kf.save_keras3_legacy_weights,
+    "full-model": kf.save_full_model_h5,
+    "weights-h5": kf.save_weights_h5,
+    "keras-zip": kf.save_keras_zip,
+}
 
-CASES = {
-    "downloaded": Case("vgg", "downloaded", "dl.h5", "legacy-h5"),
-    "downloaded-top": Case("vgg-top", "downloaded", "dl_top.h5", "legacy-h5"),
-    "keras2": Case("vgg", "keras2", "k2.h5", "legacy-h5"),
-    "keras3-legacy": Case("vgg", "keras3-legacy", "k3.h5", "legacy-h5"),
-    "chunked": Case("vgg", "downloaded", "chunked.h5", "legacy-h5", chunked=True),
-    "full-model": Case("vgg", "full-model", "full.h5", "legacy-h5-model"),
-    "full-model-optimizer": Case(
+LAYOUTS = {
+    "downloaded": Layout("vgg", "downloaded", "dl.h5", "legacy-h5"),
+    "downloaded-top": Layout("vgg-top", "downloaded", "dl_top.h5", "legacy-h5"),
+    "keras2": Layout("vgg", "keras2", "k2.h5", "legacy-h5"),
+    "keras3-legacy": Layout("vgg", "keras3-legacy", "k3.h5", "legacy-h5"),
+    "chunked": Layout("vgg", "downloaded", "chunked.h5", "legacy-h5", chunked=True),
+    "full-model": Layout("vgg", "full-model", "full.h5", "legacy-h5-model"),
+    "full-model-optimizer": Layout(
         "vgg", "full-model", "full_opt.h5", "legacy-h5-model", optimizer=True
     ),
-    "full-model-chunked": Case("vgg", "full-model", "full_ch.h5", "legacy-h5-model", chunked=True),
-    "weights-h5": Case("vgg", "weights-h5", "m.weights.h5", "weights-h5"),
-    "keras-zip": Case("vgg", "keras-zip", "m.keras", "keras-zip"),
-    "keras-zip-optimizer": Case("vgg", "keras-zip", "m_opt.keras", "keras-zip", optimizer=True),
-    "nested-keras2": Case("ft-flatten", "keras2", "ft_k2.h5", "legacy-h5"),
-    "nested-keras3-legacy": Case("ft-flatten", "keras3-legacy", "ft_k3.h5", "legacy-h5"),
-    "nested-full-model": Case("ft-flatten", "full-model", "ft_full.h5", "legacy-h5-model"),
-    "nested-weights-h5": Case("ft-gap", "weights-h5", "ft.weights.h5", "weights-h5"),
-    "nested-keras-zip": Case("ft-gap", "keras-zip", "ft.keras", "keras-zip"),
-    "bn-full-model": Case("conv-bn-relu", "full-model", "bn_full.h5", "legacy-h5-model"),
-    "bn-keras-zip": Case("conv-bn-relu", "keras-zip", "bn.keras", "keras-zip"),
-    "stock-downloaded": Case("stock", "downloaded", "stock.h5", "legacy-h5"),
-    "stock-weights-h5": Case("stock", "weights-h5", "stock.weights.h5", "weights-h5"),
+    "full-model-chunked": Layout(
+        "vgg", "full-model", "full_ch.h5", "legacy-h5-model", chunked=True
+    ),
+    "weights-h5": Layout("vgg", "weights-h5", "m.weights.h5", "weights-h5"),
+    "keras-zip": Layout("vgg", "keras-zip", "m.keras", "keras-zip"),
+    "keras-zip-optimizer": Layout("vgg", "keras-zip", "m_opt.keras", "keras-zip", optimizer=True),
+    "nested-keras2": Layout("ft-flatten", "keras2", "ft_k2.h5", "legacy-h5"),
+    "nested-keras3-legacy": Layout("ft-flatten", "keras3-legacy", "ft_k3.h5", "legacy-h5"),
+    "nested-full-model": Layout("ft-flatten", "full-model", "ft_full.h5", "legacy-h5-model"),
+    "nested-weights-h5": Layout("ft-gap", "weights-h5", "ft.weights.h5", "weights-h5"),
+    "nested-keras-zip": Layout("ft-gap", "keras-zip", "ft.keras", "keras-zip"),
+    "bn-full-model": Layout("conv-bn-relu", "full-model", "bn_full.h5", "legacy-h5-model"),
+    "bn-keras-zip": Layout("conv-bn-relu", "keras-zip", "bn.keras", "keras-zip"),
+    "stock-downloaded": Layout("stock", "downloaded", "stock.h5", "legacy-h5"),
+    "stock-weights-h5": Layout("stock", "weights-h5", "stock.weights.h5", "weights-h5"),
+    # Written from models Keras built (needs Keras):
+    "keras/downloaded": Layout("keras-vgg16", "downloaded", "kb_dl.h5", "legacy-h5"),
+    "keras/downloaded-top": Layout("keras-vgg16-top", "downloaded", "kb_dl_top.h5", "legacy-h5"),
+    "keras/downloaded-vgg19": Layout("keras-vgg19", "downloaded", "kb_dl19.h5", "legacy-h5"),
+    "keras/keras2": Layout("keras-vgg16", "keras2", "kb_k2.h5", "legacy-h5"),
+    "keras/keras3-legacy": Layout("keras-vgg16", "keras3-legacy", "kb_k3.h5", "legacy-h5"),
+    "keras/full-model": Layout("keras-vgg16", "full-model", "kb_full.h5", "legacy-h5-model"),
+    "keras/full-model-optimizer": Layout(
+        "keras-vgg16", "full-model", "kb_full_opt.h5", "legacy-h5-model", optimizer=True
+    ),
+    "keras/weights-h5": Layout("keras-vgg16", "weights-h5", "kb_m.weights.h5", "weights-h5"),
+    "keras/weights-h5-top": Layout(
+        "keras-vgg16-top", "weights-h5", "kb_m_top.weights.h5", "weights-h5"
+    ),
+    "keras/keras-zip": Layout("keras-vgg16", "keras-zip", "kb_m.keras", "keras-zip"),
+    "keras/chunked": Layout(
+        "keras-vgg16", "downloaded", "kb_chunked.h5", "legacy-h5", chunked=True
+    ),
 }
-TINY = [name for name in CASES if not name.startswith("stock")]
+TINY = [n for n, c in LAYOUTS.items() if not c.keras and not n.startswith("stock")]
+BY_KERAS = [n for n, c in LAYOUTS.items() if c.keras]
+
+
+def layouts(names: list[str]) -> list[Any]:
+    """``names`` as parameters; those written from Keras-built models are marked ``keras``."""
+    return [
+        pytest.param(n, id=n, marks=[pytest.mark.keras] if LAYOUTS[n].keras else []) for n in names
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Module fixtures: models and one file per layout, built once
 
 
 @pytest.fixture(scope="module")
-def models() -> Callable[[str], hl.Layer]:
-    built: dict[str, hl.Layer] = {}
+def models() -> Callable[[str], Any]:
+    """An hl.Layer (hand-built) or a Keras model, by MODELS / KERAS_MODELS key."""
+    built: dict[str, Any] = {}
 
-    def get(name: str) -> hl.Layer:
+    def get(name: str) -> Any:
         if name not in built:
-            built[name] = MODELS[name]()
+            if name in KERAS_MODELS:
+                pytest.importorskip("keras")
+                arch, top, seed = KERAS_MODELS[name]
+                built[name] = kf.tiny_vgg(include_top=top, arch=arch, size=SIZE, seed=seed)
+            else:
+                built[name] = MODELS[name]()
         return built[name]
 
     return get
@@ -123,15 +201,25 @@ def layout_files(models, tmp_path_factory) -> Callable[[str], Path]:
 
     def get(name: str) -> Path:
         if name not in written:
-            case = CASES[name]
+            case = LAYOUTS[name]
             path = folder / case.filename
-            writer = hl.WRITERS[case.writer]
-            if case.optimizer:
-                writer(models(case.model), path, optimizer=True)  # type: ignore[call-arg]
+            model = models(case.model)
+            if case.keras:
+                writer = KERAS_WRITERS[case.writer]
+                if case.optimizer:
+                    writer(model, path, with_optimizer=True)
+                else:
+                    writer(model, path)
+                if case.chunked:
+                    kf.chunked_layer_names(path, num_chunks=3)
             else:
-                writer(models(case.model), path)
-            if case.chunked:
-                hl.chunk_layer_names(path, 3)
+                writer = hl.WRITERS[case.writer]
+                if case.optimizer:
+                    writer(model, path, optimizer=True)  # type: ignore[call-arg]
+                else:
+                    writer(model, path)
+                if case.chunked:
+                    hl.chunk_layer_names(path, 3)
             os.chmod(path, 0o444)  # no test may modify a source file
             written[name] = path
         return written[name]
@@ -146,7 +234,7 @@ def src_of(layout_files, tmp_path) -> Callable[[str], Path]:
     def get(name: str) -> Path:
         folder = tmp_path / "src"
         folder.mkdir(exist_ok=True)
-        dst = folder / CASES[name].filename
+        dst = folder / LAYOUTS[name].filename
         shutil.copyfile(layout_files(name), dst)
         os.chmod(dst, 0o644)
         return dst
@@ -161,49 +249,122 @@ def out_dir(tmp_path) -> Path:
     return d
 
 
-def expected_keys(case: Case, model: hl.Layer) -> dict[str, np.ndarray]:
-    """Arrays read_weights must return. A weights-only .weights.h5 cannot name a BN's vars."""
+@pytest.fixture(scope="module")
+def keras():
+    return pytest.importorskip("keras")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a model holds, and Keras's view of a written file
+
+
+@dataclass(frozen=True)
+class Expected:
+    arrays: dict[str, np.ndarray]  # what read_weights must return for these keys
+    complete: bool  # and no other key
+    weighted: list[str]  # weight-holding layers, network order
+    convs: list[str]
+
+
+def expected_of(case: Layout, model: Any) -> Expected:
+    if case.keras:
+        layers = [layer for layer in model.layers if layer.weights]
+        return Expected(
+            keras_arrays(model), True, [layer.name for layer in layers],
+            [layer.name for layer in layers if type(layer).__name__ == "Conv2D"],
+        )  # fmt: skip
+    # A weights-only .weights.h5 cannot name a BN's vars.
     arrays = model.arrays()
     if case.format == "weights-h5":
         roles = {layer.name for layer in model.weighted() if layer.cls == "BatchNormalization"}
         arrays = {k: v for k, v in arrays.items() if k.split("/")[0] not in roles}
-    return arrays
+    return Expected(
+        arrays, len(arrays) == len(model.arrays()), [x.name for x in model.weighted()],
+        [x.name for x in model.weighted() if x.cls == "Conv2D"],
+    )  # fmt: skip
+
+
+def keras_arrays(model: Any) -> dict[str, np.ndarray]:
+    """A Keras VGG's kernels and biases, keyed like read_weights."""
+    out = {}
+    for layer in model.layers:
+        if layer.weights:
+            out[f"{layer.name}/kernel"] = np.asarray(layer.kernel.numpy())
+            out[f"{layer.name}/bias"] = np.asarray(layer.bias.numpy())
+    return out
+
+
+def load_like_user(keras: Any, path: Path, case: Layout) -> Any:
+    """Load ``path`` the way a user loads a file of this layout."""
+    if case.has_config:
+        return keras.models.load_model(str(path))
+    builder = {"vgg16": keras.applications.VGG16, "vgg19": keras.applications.VGG19}[case.arch]
+    kwargs = {"weights": str(path), "include_top": case.top, "input_shape": SHAPE}
+    if case.top:
+        kwargs["classes"] = 10
+    return builder(**kwargs)
+
+
+def changes_for(ws) -> dict[str, np.ndarray]:
+    """New values for a few kernels and biases (plus the first dense kernel, if any)."""
+    rng = np.random.default_rng(42)
+    convs = [e.name for e in ws.file.layers if e.shapes and len(e.shapes[0]) == 4]
+    denses = [e.name for e in ws.file.layers if e.shapes and len(e.shapes[0]) == 2]
+    middle = convs[min(5, len(convs) - 1)]
+    keys = [f"{convs[0]}/kernel", f"{convs[0]}/bias", f"{middle}/kernel", f"{convs[-1]}/bias"]
+    keys += [f"{d}/kernel" for d in denses[:1]]
+    return {k: (ws.arrays[k] * rng.uniform(0.5, 2.0, ws.arrays[k].shape[-1])).astype(
+        ws.arrays[k].dtype) for k in keys}  # fmt: skip
+
+
+def changed_paths(ws, changed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``changed`` keyed by the HDF5 dataset path of each key, in the file holding the weights."""
+    where = ws.file.entry_of_key()
+    return {"/" + where[k][0].datasets[where[k][1]]: v for k, v in changed.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", layouts(TINY + BY_KERAS))
 def test_detect_and_read_every_layout(name, layout_files, models):
-    case = CASES[name]
+    case = LAYOUTS[name]
     path = layout_files(name)
     model = models(case.model)
+    expected = expected_of(case, model)
 
     assert detect_format(path) == case.format
     ws = read_weights(path)
     wf = ws.file
     assert (wf.format, wf.suffix, wf.provenance) == (case.format, case.suffix, None)
     assert (wf.config is not None) == case.has_config
-    if case.has_config:
+    if case.has_config and not case.keras:
         assert wf.config == hl.config_of(model, "keras" if case.format == "keras-zip" else "legacy")
-    expected = expected_keys(case, model)
-    for key, value in expected.items():
+    for key, value in expected.arrays.items():
         assert key in ws.arrays, key
         assert ws.arrays[key].dtype == value.dtype, key
         np.testing.assert_array_equal(ws.arrays[key], value, err_msg=key)
-    if case.format != "weights-h5":
-        assert sorted(ws.arrays) == sorted(expected)
-    # Weight-holding layers under their own names; in network order except in Keras 3 stores,
-    # whose keys are class names (the order within a class is kept: conv2d, conv2d_1, ...).
+    if expected.complete:
+        # Keys use the real layer names in every layout (.weights.h5/.keras: the vars' name attr).
+        assert sorted(ws.arrays) == sorted(expected.arrays)
+    # Weight-holding layers under their own names (legacy files also list weightless layers,
+    # input and pooling, with no datasets), in network order except in Keras 3 stores, whose keys
+    # are class names (the order within a class is kept: conv2d, conv2d_1, ...). A Keras-built VGG
+    # holds Conv2D layers, then Dense ones: network order either way.
     names = [e.name for e in wf.layers if e.datasets]
-    if case.format in ("weights-h5", "keras-zip"):
-        convs = [x.name for x in model.weighted() if x.cls == "Conv2D"]
-        assert sorted(names) == sorted(x.name for x in model.weighted())
-        assert [n for n in names if n in convs] == convs
+    if case.format in ("weights-h5", "keras-zip") and not case.keras:
+        assert sorted(names) == sorted(expected.weighted)
+        assert [n for n in names if n in expected.convs] == expected.convs
     else:
-        assert names == [x.name for x in model.weighted()]
+        assert names == expected.weighted
     assert inspect_weights(path) == wf
+    if case.keras:  # stock widths: recognised from the conv shapes, or bound from the config
+        assert topology.detect_stock(wf) == case.arch
+        bound = topology.bind(wf)
+        assert bound.arch.name == case.arch
+        assert list(bound.conv_names) == expected.convs
+        assert (bound.arch.first_dense is not None) == case.top
 
 
 def test_downloaded_layout_datasets_and_root_attrs(layout_files):
@@ -212,6 +373,7 @@ def test_downloaded_layout_datasets_and_root_attrs(layout_files):
     entry = next(e for e in wf.layers if e.name == "block3_conv2")
     assert entry.datasets == ("block3_conv2/block3_conv2_W_1:0", "block3_conv2/block3_conv2_b_1:0")
     assert entry.keys() == ("block3_conv2/kernel", "block3_conv2/bias")
+
     def root_attrs(p: Path) -> tuple[str, ...]:
         with h5py.File(p, "r") as f:
             return tuple(sorted(f.attrs))
@@ -223,10 +385,18 @@ def test_downloaded_layout_datasets_and_root_attrs(layout_files):
     assert [e.name for e in inspect_weights(chunked).layers] == [e.name for e in wf.layers]
 
 
-def test_weights_h5_keys_come_from_the_vars_name(layout_files):
-    wf = inspect_weights(layout_files("weights-h5"))
+@pytest.mark.parametrize("name", layouts(["weights-h5", "keras/weights-h5"]))
+def test_weights_h5_keys_come_from_the_vars_name(name, layout_files):
+    path = layout_files(name)
+    with h5py.File(path, "r") as f:
+        assert f["layers/conv2d_7/vars"].attrs["name"] == "block4_conv1"
+    wf = inspect_weights(path)
     entry = next(e for e in wf.layers if e.name == "block4_conv1")
     assert entry.datasets == ("layers/conv2d_7/vars/0", "layers/conv2d_7/vars/1")
+    assert entry.keys() == ("block4_conv1/kernel", "block4_conv1/bias")
+
+
+def test_nested_weights_h5_keys_come_from_the_vars_name(layout_files):
     nested = inspect_weights(layout_files("nested-weights-h5"))
     entry = next(e for e in nested.layers if e.name == "block1_conv1")
     assert entry.datasets[0] == "layers/functional/layers/conv2d/vars/0"
@@ -295,25 +465,14 @@ def test_config_models_are_bound_from_their_config(name, reduce, first_dense, la
 # Writing
 
 
-def changes_for(ws) -> dict[str, np.ndarray]:
-    """New values for a few kernels and biases (plus the first dense kernel, if any)."""
-    rng = np.random.default_rng(42)
-    convs = [e.name for e in ws.file.layers if e.shapes and len(e.shapes[0]) == 4]
-    denses = [e.name for e in ws.file.layers if e.shapes and len(e.shapes[0]) == 2]
-    keys = [f"{convs[0]}/kernel", f"{convs[0]}/bias", f"{convs[-1]}/bias"]
-    keys += [f"{d}/kernel" for d in denses[:1]]
-    return {k: (ws.arrays[k] * rng.uniform(0.5, 2.0, ws.arrays[k].shape[-1])).astype(
-        ws.arrays[k].dtype) for k in keys}  # fmt: skip
-
-
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", layouts(TINY + BY_KERAS))
 def test_write_round_trip_changes_only_the_given_datasets(name, layout_files, tmp_path):
-    case = CASES[name]
+    case = LAYOUTS[name]
     src = layout_files(name)
     ws = read_weights(src)
     changed = changes_for(ws)
     provenance = {"tool": "vggnorm", "n": 3, "nested": {"list": [1, 2.5, "x"]}, "none": None}
-    extra = {"scales/00_a": np.arange(4, dtype=np.float64)}
+    extra = {"scales/00_a": np.arange(4, dtype=np.float64), "note": np.array([1, 2], np.int32)}
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / f"out{case.suffix}"
@@ -324,9 +483,9 @@ def test_write_round_trip_changes_only_the_given_datasets(name, layout_files, tm
     assert dropped == ([optimizer_group] if case.optimizer else [])
     assert os.listdir(out_dir) == [out.name]  # no temporary file left beside it
     assert detect_format(out) == case.format
-    assert inspect_weights(out).provenance == provenance
-    where = ws.file.entry_of_key()
-    by_path = {"/" + where[k][0].datasets[where[k][1]]: v for k, v in changed.items()}
+    wf = inspect_weights(out)
+    assert (wf.suffix, wf.provenance) == (case.suffix, provenance)
+    by_path = changed_paths(ws, changed)
     if case.format == "keras-zip":
         a, b = checks.inner_weights(src, tmp_path / "a"), checks.inner_weights(out, tmp_path / "b")
         checks.compare_h5(a, b, by_path)
@@ -340,15 +499,47 @@ def test_write_round_trip_changes_only_the_given_datasets(name, layout_files, tm
         checks.compare_h5(src, out, by_path)
         h5_out = out
     with h5py.File(h5_out, "r") as f:
-        assert json.loads(f[PROVENANCE_GROUP].attrs["provenance"]) == provenance
-        np.testing.assert_array_equal(
-            f[f"{PROVENANCE_GROUP}/scales/00_a"][()], extra["scales/00_a"]
-        )
+        g = f[PROVENANCE_GROUP]
+        assert json.loads(g.attrs["provenance"]) == provenance
+        np.testing.assert_array_equal(g["scales/00_a"][()], extra["scales/00_a"])
+        np.testing.assert_array_equal(g["note"][()], extra["note"])
+        assert g["note"].dtype == np.int32
+
+    # Read back by vggnorm: new values where changed, old ones elsewhere.
     back = read_weights(out)
     assert sorted(back.arrays) == sorted(ws.arrays)
     for key, old in ws.arrays.items():
         np.testing.assert_array_equal(back.arrays[key], changed.get(key, old), err_msg=key)
         assert back.arrays[key].dtype == old.dtype
+
+    if case.keras:  # loaded by Keras the way the input would be
+        keras = pytest.importorskip("keras")
+        loaded = keras_arrays(load_like_user(keras, out, case))
+        assert sorted(loaded) == sorted(ws.arrays)
+        for key, old in ws.arrays.items():
+            np.testing.assert_array_equal(loaded[key], changed.get(key, old), err_msg=key)
+
+
+@pytest.mark.keras
+def test_keras_zip_of_a_trained_model_drops_optimizer_state(layout_files, keras, tmp_path):
+    model = keras.models.load_model(str(layout_files("keras/keras-zip")))
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mean_squared_error")
+    model.optimizer.build(model.trainable_variables)  # the state a fit() leaves behind
+    src = tmp_path / "trained.keras"
+    model.save(str(src))
+    ws = read_weights(src)
+    changed = changes_for(ws)
+    out = tmp_path / "out.keras"
+
+    assert write_weights(ws.file, out, changed, {"tool": "vggnorm"}) == ["optimizer"]
+
+    a, b = checks.inner_weights(src, tmp_path / "a"), checks.inner_weights(out, tmp_path / "b")
+    checks.compare_h5(a, b, changed_paths(ws, changed))
+    # Keras builds a fresh optimizer and says so; the model weights are the new ones.
+    with pytest.warns(UserWarning, match="Skipping variable loading for optimizer"):
+        loaded = keras_arrays(keras.models.load_model(str(out)))
+    for key, old in ws.arrays.items():
+        np.testing.assert_array_equal(loaded[key], changed.get(key, old), err_msg=key)
 
 
 def test_write_keeps_float64_datasets_and_refuses_another_dtype(tmp_path, out_dir):
@@ -367,6 +558,18 @@ def test_write_keeps_float64_datasets_and_refuses_another_dtype(tmp_path, out_di
     with pytest.raises(WeightFileError, match="no dataset for 'nope/kernel'"):
         write_weights(ws.file, out_dir / "o3.h5", {"nope/kernel": np.ones(3)}, {})
     assert os.listdir(out_dir) == ["out.h5"]
+
+
+@pytest.mark.parametrize("name", layouts(["downloaded", "keras/downloaded"]))
+def test_unknown_key_or_wrong_shape_leaves_nothing(name, layout_files, out_dir):
+    ws = read_weights(layout_files(name))
+    with pytest.raises(WeightFileError, match="no dataset for 'nope/kernel'"):
+        write_weights(ws.file, out_dir / "out.h5", {"nope/kernel": np.ones(3)}, {})
+    with pytest.raises(WeightFileError, match="block1_conv1/kernel"):
+        write_weights(
+            ws.file, out_dir / "out.h5", {"block1_conv1/kernel": np.ones((3, 3, 3, 2))}, {}
+        )
+    assert os.listdir(out_dir) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,16 +606,34 @@ NORMALIZE_CASES = [
     "stock-downloaded", "full-model", "full-model-optimizer",
     "full-model-chunked", "keras-zip", "keras-zip-optimizer", "nested-full-model",
     "nested-keras-zip", "bn-full-model", "bn-keras-zip",
+    "keras/downloaded", "keras/downloaded-top", "keras/weights-h5", "keras/keras-zip",
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", NORMALIZE_CASES)
-def test_normalize_end_to_end(name, layout_files, models, tmp_path):
-    case = CASES[name]
+def logits_of(keras, model):
+    """``model`` with a linear ``predictions`` layer (the same model if it has none)."""
+    config = model.get_config()
+    layers = [x for x in config["layers"] if x["config"].get("name") == "predictions"]
+    if not layers:
+        return model
+    layers[0]["config"]["activation"] = "linear"
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def conv_outputs(keras, model, names, x):
+    probe = keras.Model(model.input, [model.get_layer(n).output for n in names])
+    return [np.asarray(a) for a in probe(x, training=False)]
+
+
+@pytest.mark.parametrize("name", layouts(NORMALIZE_CASES))
+def test_normalize_end_to_end(name, layout_files, tmp_path):
+    case = LAYOUTS[name]
     src = layout_files(name)
     ws = read_weights(src)
     bound = topology.bind(ws.file)
-    record = checks.make_record(ws, bound)
+    record = make_record(ws, bound)
     stats = tmp_path / "stats.h5"
     write_stats(stats, record)
     out = tmp_path / "out" / f"norm{case.suffix}"
@@ -421,30 +642,78 @@ def test_normalize_end_to_end(name, layout_files, models, tmp_path):
 
     result = normalize(src, out, stats)
 
-    assert sha256_file(src) == src_sha
-    assert os.listdir(out.parent) == [out.name]
+    assert sha256_file(src) == src_sha  # the input is never modified
+    assert result.out == out and os.listdir(out.parent) == [out.name]
     assert result.dropped == ((("optimizer" if case.format == "keras-zip" else "optimizer_weights"),)
                               if case.optimizer else ())  # fmt: skip
+    assert result.bound.arch.name == bound.arch.name
     norm = read_weights(out)
     assert norm.file.format == case.format
     means = {lay.name: lay.mean for lay in record.layers}
     expected = expected_after(ws.arrays, bound, means)
     for key, value in norm.arrays.items():
         assert value.dtype == ws.arrays[key].dtype, key
+        assert np.all(np.isfinite(value)), key
         np.testing.assert_allclose(
             value, expected[key], rtol=F32_TWO_ROUNDINGS, atol=0, err_msg=key
         )
         if np.array_equal(expected[key], ws.arrays[key]):  # untouched arrays are copied bit for bit
             assert value.tobytes() == ws.arrays[key].tobytes(), key
-    assert result.scales.n_dead == 3 * len(checks.DEAD_FILTERS)
+    first_dense = bound.arch.first_dense
+    if first_dense is not None:  # compensated for the last conv's scales
+        # vggnorm stores fl32(kernel * s) computed in float64: one float32 rounding (2**-24
+        # relative) of a float64 product (2**-53); the expected product here is float64.
+        key = f"{first_dense}/kernel"
+        np.testing.assert_allclose(norm.arrays[key], expected[key], rtol=F32_ONE_ROUNDING, atol=0)
+    assert result.scales.n_dead == 3 * len(DEAD_FILTERS)
     prov = inspect_weights(out).provenance
-    assert prov is not None and prov["stats"]["sha256"] == sha256_file(stats)
-    assert prov["head_dense"] == bound.arch.first_dense
+    assert prov is not None and prov["tool"] == "vggnorm"
+    assert prov["stats"]["sha256"] == sha256_file(stats)
+    assert prov["stats"]["fingerprint"] == record.meta.fingerprint
+    assert prov["dead_filters"] == dead_filters(bound)
+    assert prov["head_dense"] == first_dense
     assert prov["source"] == {"path": str(src.resolve()), "sha256": src_sha, "format": case.format}
+    names = list(bound.conv_names)
+    scales = result.scales.values
     stored = read_scales(out)
-    assert list(stored) == list(bound.conv_names)
-    for n in bound.conv_names:
+    assert list(stored) == names
+    for n in names:
         np.testing.assert_array_equal(stored[n], np.where(means[n] == 0, 1.0, means[n]))
+        np.testing.assert_array_equal(stored[n], scales[n])
+    if case.keras:
+        assert result.bound.arch.name == case.arch
+        assert_same_function_in_keras(case, src, out, names, scales)
+
+
+def assert_same_function_in_keras(case: Layout, src: Path, out: Path, names, scales) -> None:
+    """Keras computes the same function with both files: logits equal, each conv's ReLU output
+    divided by its scales."""
+    keras = pytest.importorskip("keras")
+    original = load_like_user(keras, src, case)
+    normalized = load_like_user(keras, out, case)
+    rng = np.random.default_rng(7)
+    x = rng.normal(0.0, 60.0, (4, *SHAPE)).astype(np.float32)
+    # Tolerances: float32 rounding errors of a layer, in units of its largest value, behave like
+    # sums of independent roundings, ~sqrt(n)*u per layer (n <= 4608 terms, u = 2**-24: 4e-6),
+    # so ~5e-5 after 13 layers; the worst case (gamma_n = n*u per layer, propagated through |W|)
+    # exceeds the activations themselves at this depth and bounds nothing. 1e-4 of the layer's
+    # (or output's) largest value is verify's FUNCTION_TOL, which this test holds Keras to.
+    p0 = np.asarray(logits_of(keras, original)(x, training=False), dtype=np.float64)
+    p1 = np.asarray(logits_of(keras, normalized)(x, training=False), dtype=np.float64)
+    assert np.all(np.isfinite(p1))
+    if not case.top:  # notop: the output is the last conv's pooled map, scaled down
+        p1 = p1 * scales[names[-1]]
+    # With the top: logits, not probabilities: softmax maps a logit error dz to a probability
+    # error up to 2*p*max|dz|, so probabilities near 1 would be judged against 1, not against
+    # the logits' scale (test_finetuned failed so at 1.04e-4).
+    assert np.max(np.abs(p1 - p0)) <= 1e-4 * np.max(np.abs(p0))
+
+    a0 = conv_outputs(keras, original, names, x)
+    a1 = conv_outputs(keras, normalized, names, x)
+    for n, o, r in zip(names, a0, a1):
+        assert np.max(np.abs(o)) > 0, n  # the layer is alive, so the check means something
+        back = r.astype(np.float64) * scales[n]
+        assert np.max(np.abs(back - o)) <= 1e-4 * np.max(np.abs(o)), n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,8 +963,9 @@ def test_bad_weight_files_are_refused_naming_the_file(kind, src_of, out_dir, tmp
         read_weights(src)
     assert message in str(info.value)
     assert str(src) in str(info.value)
-    with pytest.raises(WeightFileError, match=re.escape(message.split(";")[0])):
+    with pytest.raises(WeightFileError, match=re.escape(message.split(";")[0])) as info:
         normalize(src, out_dir / "out.h5", tmp_path / "no-stats-needed.h5")
+    assert str(src) in str(info.value)
     assert os.listdir(out_dir) == []
 
 
@@ -717,12 +987,21 @@ def test_legacy_data_under_a_weights_h5_name_is_refused(layout_files, tmp_path):
 
 
 def test_unreadable_files(tmp_path):
+    not_hdf5 = tmp_path / "x.h5"
+    _not_hdf5(not_hdf5)
+    for call in (detect_format, inspect_weights, read_weights):
+        with pytest.raises(WeightFileError, match="not a readable HDF5") as info:
+            call(not_hdf5)
+        assert str(not_hdf5) in str(info.value)
     with pytest.raises(WeightFileError, match=re.escape("missing.h5: no such file")):
         read_weights(tmp_path / "missing.h5")
     fake = tmp_path / "m.keras"
     fake.write_bytes(b"PK? no")
-    with pytest.raises(WeightFileError, match=re.escape("a .keras file must be a zip archive")):
+    with pytest.raises(
+        WeightFileError, match=re.escape("a .keras file must be a zip archive")
+    ) as info:
         read_weights(fake)
+    assert str(fake) in str(info.value)
     no_weights = tmp_path / "no_weights.keras"
     with zipfile.ZipFile(no_weights, "w") as z:
         z.writestr("config.json", "{}")
@@ -757,11 +1036,11 @@ def test_bad_json_is_refused(layout_files, src_of, tmp_path):
 )  # fmt: skip
 def test_output_suffix_must_load_like_the_input(name, out_name, layout_files, out_dir):
     ws = read_weights(layout_files(name))
-    with pytest.raises(WeightFileError, match=f"{out_name} must end in {CASES[name].suffix} "
-                       f"like {CASES[name].filename}"):  # fmt: skip
+    with pytest.raises(WeightFileError, match=f"{out_name} must end in {LAYOUTS[name].suffix} "
+                       f"like {LAYOUTS[name].filename}"):  # fmt: skip
         write_weights(ws.file, out_dir / out_name, {}, {"tool": "vggnorm"})
-    write_weights(ws.file, out_dir / f"ok{CASES[name].suffix}", {}, {"tool": "vggnorm"})
-    assert os.listdir(out_dir) == [f"ok{CASES[name].suffix}"]
+    write_weights(ws.file, out_dir / f"ok{LAYOUTS[name].suffix}", {}, {"tool": "vggnorm"})
+    assert os.listdir(out_dir) == [f"ok{LAYOUTS[name].suffix}"]
 
 
 def test_h5_and_hdf5_are_interchangeable(layout_files, out_dir):
@@ -774,7 +1053,7 @@ def test_output_exists_without_force(layout_files, tmp_path, out_dir):
     src = layout_files("full-model")
     ws = read_weights(src)
     stats = tmp_path / "stats.h5"
-    write_stats(stats, checks.make_record(ws, topology.bind(ws.file)))
+    write_stats(stats, make_record(ws, topology.bind(ws.file)))
     dst = out_dir / "out.h5"
     dst.write_bytes(b"precious")
     with pytest.raises(WeightFileError, match=f"{dst} already exists") as info:
@@ -789,10 +1068,14 @@ def test_output_exists_without_force(layout_files, tmp_path, out_dir):
 def test_output_is_input(src_of, tmp_path, force):
     src = src_of("full-model")
     ws = read_weights(src)
+    record = make_record(ws, topology.bind(ws.file))
     before = src.read_bytes()
     for dst in (src, src.parent / "." / src.name):
         with pytest.raises(WeightFileError, match="is the input file; vggnorm never writes over"):
             write_weights(ws.file, dst, {}, {"tool": "vggnorm"}, force=force)
+        with pytest.raises(WeightFileError, match="is the input") as info:
+            normalize(src, dst, record, force=force)
+        assert src.name in str(info.value)
     assert src.read_bytes() == before and os.listdir(src.parent) == [src.name]
 
 
@@ -806,7 +1089,7 @@ def test_missing_output_directory(layout_files, tmp_path):
 def test_refuses_stats_of_another_model(layout_files, tmp_path, out_dir):
     src = layout_files("keras-zip")
     ws = read_weights(src)
-    record = checks.make_record(ws, topology.bind(ws.file))
+    record = make_record(ws, topology.bind(ws.file))
     other = record.with_meta(fingerprint="f" * 64, weights="/elsewhere/other.h5")
     pattern = re.escape(f"{src} is not the model the stats were gathered on (conv weights "
                         "fingerprint ") + "[0-9a-f]{12}" + re.escape(
@@ -816,10 +1099,21 @@ def test_refuses_stats_of_another_model(layout_files, tmp_path, out_dir):
     assert os.listdir(out_dir) == []
 
 
+@pytest.mark.keras
+def test_refuses_stats_of_vgg19_on_vgg16(layout_files, out_dir):
+    src = layout_files("keras/downloaded")
+    other_ws = read_weights(layout_files("keras/downloaded-vgg19"))
+    other = make_record(other_ws, topology.bind(other_ws.file))
+    with pytest.raises(StatsError) as info:
+        normalize(src, out_dir / "out.h5", other)
+    assert str(src) in str(info.value)
+    assert os.listdir(out_dir) == []
+
+
 def test_fingerprint_covers_the_batchnorm_between_conv_and_relu(layout_files, src_of, out_dir):
     src = src_of("bn-full-model")
     ws = read_weights(src)
-    record = checks.make_record(ws, topology.bind(ws.file))
+    record = make_record(ws, topology.bind(ws.file))
     with h5py.File(src, "r+") as f:  # one moving mean changes what the ReLU sees
         ds = f["model_weights/bn1/sequential/bn1/moving_mean"]
         ds[0] = ds[0] + 1
@@ -830,7 +1124,7 @@ def test_fingerprint_covers_the_batchnorm_between_conv_and_relu(layout_files, sr
 def test_refuses_unfinished_stats(layout_files, tmp_path, out_dir):
     src = layout_files("keras-zip")
     ws = read_weights(src)
-    record = checks.make_record(ws, topology.bind(ws.file)).with_meta(complete=False, position=4)
+    record = make_record(ws, topology.bind(ws.file)).with_meta(complete=False, position=4)
     stats = tmp_path / "stats.h5"
     write_stats(stats, record)
     with pytest.raises(StatsError, match="the stats file is from an unfinished run") as info:  # fmt: skip
@@ -844,7 +1138,7 @@ def test_refuses_unfinished_stats(layout_files, tmp_path, out_dir):
 def test_refuses_stats_with_another_conv_count_or_width(layout_files, out_dir):
     src = layout_files("keras-zip")
     ws = read_weights(src)
-    record = checks.make_record(ws, topology.bind(ws.file))
+    record = make_record(ws, topology.bind(ws.file))
     fewer = dataclasses.replace(record, layers=record.layers[:-1])
     with pytest.raises(StatsError, match="stats cover 12 conv layers but the model has 13"):
         normalize(src, out_dir / "out.keras", fewer)
@@ -858,14 +1152,16 @@ def test_refuses_stats_with_another_conv_count_or_width(layout_files, out_dir):
     assert os.listdir(out_dir) == []
 
 
-def test_refuses_an_already_normalized_file(layout_files, tmp_path, out_dir):
-    src = layout_files("keras-zip")
+@pytest.mark.parametrize("name", ["full-model", "keras-zip"])
+def test_refuses_an_already_normalized_file(name, layout_files, tmp_path, out_dir):
+    src = layout_files(name)
+    suffix = LAYOUTS[name].suffix
     ws = read_weights(src)
-    record = checks.make_record(ws, topology.bind(ws.file))
-    once = tmp_path / "once.keras"
+    record = make_record(ws, topology.bind(ws.file))
+    once = tmp_path / f"once{suffix}"
     normalize(src, once, record)
     with pytest.raises(WeightFileError, match=f"{once} was already normalized by vggnorm"):
-        normalize(once, out_dir / "twice.keras", record)
+        normalize(once, out_dir / f"twice{suffix}", record)
     assert os.listdir(out_dir) == []
 
 
@@ -874,6 +1170,13 @@ def _fail_dataset_write(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(h5py.Dataset, "__setitem__", boom)
+
+
+def _fail_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
 
 
 def _fail_zip_write(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -889,14 +1192,18 @@ def _fail_zip_write(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("force", [False, True], ids=["new-target", "existing-target"])
 @pytest.mark.parametrize(
     "name, fail",
-    [("downloaded", _fail_dataset_write), ("full-model-optimizer", _fail_dataset_write),
-     ("weights-h5", _fail_dataset_write), ("keras-zip", _fail_dataset_write),
-     ("keras-zip", _fail_zip_write)],
+    [pytest.param("downloaded", _fail_dataset_write, id="h5-dataset-write"),
+     pytest.param("downloaded", _fail_fsync, id="h5-fsync"),
+     pytest.param("full-model-optimizer", _fail_dataset_write, id="full-model-dataset-write"),
+     pytest.param("weights-h5", _fail_dataset_write, id="weights.h5-dataset-write"),
+     pytest.param("keras-zip", _fail_dataset_write, id="keras-dataset-write"),
+     pytest.param("keras-zip", _fail_zip_write, id="keras-zip-write")],
 )  # fmt: skip
 def test_disk_full_mid_write_leaves_nothing(name, fail, force, layout_files, out_dir, monkeypatch):
-    ws = read_weights(layout_files(name))
+    src = layout_files(name)
+    ws = read_weights(src)
     changed = changes_for(ws)
-    dst = out_dir / f"out{CASES[name].suffix}"
+    dst = out_dir / f"out{LAYOUTS[name].suffix}"
     if force:
         dst.write_bytes(b"the previous output")
     with monkeypatch.context() as m:
@@ -907,8 +1214,22 @@ def test_disk_full_mid_write_leaves_nothing(name, fail, force, layout_files, out
     assert os.listdir(out_dir) == ([dst.name] if force else [])
     if force:
         assert dst.read_bytes() == b"the previous output"
-    write_weights(ws.file, dst, changed, {"tool": "vggnorm"}, force=True)  # a retry works
-    assert detect_format(dst) == CASES[name].format
+    # The failure left the source alone, and a retry works.
+    assert read_weights(src).arrays.keys() == ws.arrays.keys()
+    write_weights(ws.file, dst, changed, {"tool": "vggnorm"}, force=True)
+    assert detect_format(dst) == LAYOUTS[name].format
+
+
+@pytest.mark.parametrize("name", layouts(["full-model", "keras/downloaded"]))
+def test_disk_full_during_normalize(name, layout_files, out_dir, monkeypatch):
+    src = layout_files(name)
+    ws = read_weights(src)
+    record = make_record(ws, topology.bind(ws.file))
+    _fail_dataset_write(monkeypatch)
+    with pytest.raises(VggnormError, match="No space left") as info:
+        normalize(src, out_dir / "out.h5", record)
+    assert "out.h5" in str(info.value)
+    assert os.listdir(out_dir) == []
 
 
 def test_output_permissions_follow_umask(layout_files, out_dir):

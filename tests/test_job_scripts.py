@@ -23,7 +23,7 @@ pytestmark = pytest.mark.keras
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
 
     root = tmp_path_factory.mktemp("jobs")
     data = root / "imgs"

@@ -1,4 +1,4 @@
-"""Each writer in keras_files.py produces a file Keras itself loads back unchanged."""
+"""Each writer in fixtures/keras_files.py produces a file Keras itself loads back unchanged."""
 
 import json
 import logging
@@ -11,7 +11,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-import keras_files as kf  # noqa: E402
+from fixtures import keras_files as kf  # noqa: E402
 
 pytestmark = pytest.mark.keras
 

@@ -8,9 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import h5_checks as checks
-import h5_layouts as hl
-
+from fixtures import h5_layouts as hl
+from fixtures.records import make_record
 from vggnorm.core import topology
 from vggnorm.formats.registry import read_weights
 from vggnorm.formats.statsfile import write_stats
@@ -35,7 +34,7 @@ def test_vggnorm_apply_runs_without_loading_a_framework(tmp_path):
     src = hl.write_keras_zip(hl.finetuned("gap", seed=1), tmp_path / "m.keras")
     ws = read_weights(src)
     stats = tmp_path / "stats.h5"
-    write_stats(stats, checks.make_record(ws, topology.bind(ws.file)))
+    write_stats(stats, make_record(ws, topology.bind(ws.file)))
     out = tmp_path / "n.keras"
     proc = _run(
         f"""

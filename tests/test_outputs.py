@@ -200,8 +200,7 @@ def test_consistent_stats_pass_validation_at_the_cauchy_schwarz_bound(tmp_path: 
 def test_cli_apply_with_damaged_stats_is_one_error_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from h5_layouts import build, finetuned, write_full_model
-
+    from fixtures.h5_layouts import build, finetuned, write_full_model
     from vggnorm.cli import EXIT_ERROR, main
 
     monkeypatch.chdir(tmp_path)

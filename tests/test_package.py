@@ -167,3 +167,26 @@ def test_help_loads_no_framework(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
+
+
+def test_a_record_remembers_its_file_for_the_provenance(tmp_path: Path) -> None:
+    from fixtures.h5_layouts import STOCK_WIDTHS, vgg, write_downloaded
+    from fixtures.records import make_record
+    from vggnorm.core.topology import bind
+    from vggnorm.formats.registry import inspect_weights
+    from vggnorm.formats.statsfile import read_stats, write_stats
+
+    src = write_downloaded(vgg("vgg16", STOCK_WIDTHS), tmp_path / "vgg16.h5")
+    ws = vggnorm.read_weights(src)
+    record = make_record(ws, bind(ws.file))
+    assert record.path is None
+    vggnorm.normalize(src, tmp_path / "a.h5", record)  # a record from nowhere: no file to name
+    prov = inspect_weights(tmp_path / "a.h5").provenance
+    assert prov is not None and prov["stats"]["path"] is None
+    write_stats(tmp_path / "s.h5", record)
+    read = read_stats(tmp_path / "s.h5")
+    assert read.path == str((tmp_path / "s.h5").resolve()) and read.meta == record.meta
+    vggnorm.normalize(src, tmp_path / "b.h5", read)  # verify finds the stats through it
+    prov = inspect_weights(tmp_path / "b.h5").provenance
+    assert prov is not None and prov["stats"]["path"] == read.path
+    assert prov["stats"]["sha256"] == vggnorm.formats.sha256_file(tmp_path / "s.h5")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from photos import write_photos
 
+from fixtures.photos import write_photos
 from vggnorm.cli import EXIT_OK, main
 from vggnorm.commands.stats import collect_stats
 from vggnorm.core.errors import DatasetError
@@ -25,6 +25,7 @@ from vggnorm.runtime.data import open_dataset
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.keras]
 N_IMAGES = 22  # with an empty file among them: skips move the batch boundaries
+CHECK = 4  # check points every 4 items: several blocks per run
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +37,20 @@ def cluster() -> object:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, StatsRecord]:
-    from keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
 
     root = tmp_path_factory.mktemp("raydata")
     write_photos(root, [f"{i:02d}.jpg" for i in range(N_IMAGES)], 3, max_side=70)
     (root / "zero.jpg").write_bytes(b"")
     weights = save_downloaded_layout(tiny_vgg(arch="vgg16"), root.parent / "vgg16_notop.h5")
-    reference = collect_stats(weights, root, decode=Decode(32), batch_size=2)
+    reference = collect_stats(weights, root, decode=Decode(32), batch_size=2, check_every=CHECK)
     return root, weights, reference
 
 
 def _engine(workers: int, **kw: object) -> object:
     from vggnorm.runtime.ray_engine import RayEngine
 
-    return RayEngine(workers=workers, cpus_per_worker=1, block_batches=2, **kw)  # type: ignore[arg-type]
+    return RayEngine(workers=workers, cpus_per_worker=1, **kw)  # type: ignore[arg-type]
 
 
 def _same(a: StatsRecord, b: StatsRecord) -> None:
@@ -59,6 +60,10 @@ def _same(a: StatsRecord, b: StatsRecord) -> None:
         assert x.count == y.count
         np.testing.assert_allclose(x.sum, y.sum, rtol=1e-12)
         np.testing.assert_allclose(x.sumsq, y.sumsq, rtol=1e-12)
+        assert x.per_image is not None and y.per_image is not None
+        assert x.per_image.images == y.per_image.images == len(a.images)
+        np.testing.assert_allclose(x.per_image.sum, y.per_image.sum, rtol=1e-12)
+        np.testing.assert_allclose(x.per_image.sumsq, y.per_image.sumsq, rtol=1e-12)
 
 
 def test_one_and_two_workers_equal_the_single_process_run(cluster: object, setup: tuple) -> None:
@@ -68,7 +73,8 @@ def test_one_and_two_workers_equal_the_single_process_run(cluster: object, setup
     for n in (1, 2):
         engine = _engine(n, report=lines.append)
         _same(
-            collect_stats(weights, root, decode=Decode(32), batch_size=2, engine=engine), reference
+            collect_stats(weights, root, decode=Decode(32), batch_size=2, engine=engine,
+                          check_every=CHECK), reference
         )
     assert any("ray worker 1:" in line and "img/s" in line for line in lines)
 
@@ -85,7 +91,7 @@ def test_a_worker_killed_mid_run_changes_nothing(cluster: object, setup: tuple) 
             killed.append(pid)
 
     record = collect_stats(weights, root, decode=Decode(32), batch_size=2, engine=engine,
-                           progress=kill_first_worker)  # fmt: skip
+                           progress=kill_first_worker, check_every=CHECK)  # fmt: skip
     assert killed
     _same(record, reference)
 
@@ -116,7 +122,8 @@ def test_killed_driver_resumes_to_the_same_result(
     root, weights, reference = setup
     out = tmp_path / "s.npz"
     argv = ["stats", "--data", str(root), "--weights", str(weights), "--size", "32",
-            "--batch-size", "2", "--out", str(out), "--checkpoint-every", "0", "-q"]  # fmt: skip
+            "--batch-size", "2", "--out", str(out), "--checkpoint-every", "0", "-q",
+            "--check-every", str(CHECK)]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(
         [
@@ -165,3 +172,30 @@ def test_unreadable_dataset_on_a_worker_names_the_node(
     assert "\n" not in msg
     assert "Ray worker on node" in msg and ray.util.get_node_ip_address() in msg
     assert str(root) in msg
+
+
+def test_a_target_stops_ray_where_the_single_process_run_stops(
+    cluster: object, setup: tuple
+) -> None:
+    root, weights, _ = setup
+    figures: dict[int, float] = {}
+
+    def progress(p: object) -> None:
+        if p.done % CHECK == 0 and p.precision is not None:  # type: ignore[attr-defined]
+            figures[p.done] = p.precision  # type: ignore[attr-defined]
+
+    kw = {"decode": Decode(32), "batch_size": 2, "check_every": CHECK, "target_quantile": 0.5}
+    collect_stats(weights, root, progress=progress, **kw)  # type: ignore[arg-type]
+    points = sorted(figures.items())
+    # a target between the first and the second check point's figure after position 8, far
+    # (relative 1e-5) from both, so that float64 rounding cannot move the stop
+    k = next(i for i in range(2, len(points)) if points[i][1] < min(f for _, f in points[:i]) * 0.99999)
+    stop, before = points[k][0], min(f for _, f in points[:k])
+    error = (points[k][1] + before) / 2
+    here = collect_stats(weights, root, target_error=error, min_images=2, **kw)  # type: ignore[arg-type]
+    assert here.meta.position == stop and here.meta.target_reached
+    for n in (1, 2):
+        there = collect_stats(weights, root, target_error=error, min_images=2, engine=_engine(n),
+                              **kw)  # type: ignore[arg-type]  # fmt: skip
+        assert there.meta.position == stop and there.meta.target_reached
+        _same(there, here)  # nothing a worker computed past the stop was counted

@@ -205,9 +205,8 @@ def test_write_report_without_matplotlib_says_what_to_install(
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from keras_files import save_downloaded_layout, tiny_vgg
-    from photos import write_photos
-
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
+    from fixtures.photos import write_photos
     from vggnorm.commands.apply import normalize
     from vggnorm.commands.report import style_content_spread
     from vggnorm.commands.stats import collect_stats
@@ -323,4 +322,6 @@ def test_report_of_tiny_vgg16(tiny: dict[str, Any], tmp_path: Path) -> None:
     assert data["style"]["style"]["factor"] > 1
     assert sum(r["filters"] for r in data["layers"]) == sum(c.filters for c in tiny["arch"].convs)
     lines = summary_text(data)
-    assert len(lines) == 13 + 2 and "smaller" in lines[-2]
+    # a line per layer, a line per layer's intervals, and the two loss spreads
+    assert len(lines) == 13 + 13 + 2 and "smaller" in lines[-2]
+    assert [r["name"] for r in data["intervals"]] == list(tiny["arch"].conv_names)

@@ -161,7 +161,7 @@ def _read_error(path: Path) -> str:
     return message
 
 
-def test_missing_file(tmp_path):
+def test_a_missing_stats_file_is_refused(tmp_path):
     message = _read_error(tmp_path / "nope.h5")
     assert "no such stats file" in message
 

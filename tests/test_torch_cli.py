@@ -26,7 +26,8 @@ from vggnorm.runtime.data import load_image
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
-from torch_vgg import build, relu_outputs  # noqa: E402
+
+from fixtures.torch_vgg import build, relu_outputs  # noqa: E402
 
 pytestmark = pytest.mark.keras
 SIZE = 32
@@ -145,8 +146,8 @@ def test_stats_apply_verify_compare_against_the_stock_module(
 
 def test_keras_export_to_each_layout(tmp_path: Path, images: Path) -> None:
     import keras
-    from keras_files import save_downloaded_layout, tiny_vgg
 
+    from fixtures.keras_files import save_downloaded_layout, tiny_vgg
     from vggnorm.formats.registry import read_weights
     from vggnorm.formats.registry import read_weights as read_torch_weights
 

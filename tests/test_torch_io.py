@@ -1,4 +1,4 @@
-"""Reading and writing PyTorch VGG files with the stock module definitions (tests/torch_vgg.py)."""
+"""Reading and writing PyTorch VGG files with the stock module definitions (fixtures/torch_vgg.py)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ import pytest
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch")
 
-import torch_vgg  # noqa: E402  (needs torch)
-
+from fixtures import torch_vgg  # noqa: E402  (needs torch)
 from vggnorm.core.compare import compare_weights  # noqa: E402
 from vggnorm.core.errors import WeightFileError  # noqa: E402
 from vggnorm.core.rescale import compute_scales, rescale  # noqa: E402
-from vggnorm.core.torch_layouts import compensate_head  # noqa: E402
+from vggnorm.core.torch_layouts import compensate_head, norm_layer  # noqa: E402
 from vggnorm.formats._torch import f32_to_bf16 as _f32_to_bf16  # noqa: E402
 from vggnorm.formats.pth import SIDECAR_SUFFIX  # noqa: E402
 from vggnorm.formats.torch_files import read_provenance, read_torch, write_torch  # noqa: E402
 
-CASES = [("torchvision", "vgg16"), ("gatys", "vgg16"), ("adain", "vgg19")]
+CASES = [("torchvision", "vgg16"), ("gatys", "vgg16"), ("adain", "vgg19"),
+         ("torchvision_bn", "vgg16"), ("features", "vgg19"), ("features_bn", "vgg16"),
+         ("timm", "vgg16"), ("timm_bn", "vgg19")]  # fmt: skip
+HEADS = ("torchvision", "torchvision_bn", "timm", "timm_bn")
 SUFFIXES = [".pth", ".safetensors"]
 MARKER: dict[str, bool] = {"ran": False}
 
@@ -101,7 +103,8 @@ def test_rescaled_file_computes_the_same_function(
     scales = compute_scales(
         {n: 10 ** rng.uniform(-2, 2, tw.arrays[f"{n}/bias"].shape[0]) for n in names}, names
     )
-    new = rescale(tw.arrays, scales)
+    norms = {n: norm_layer(n) for n in names} if tw.info.batchnorm else None
+    new = rescale(tw.arrays, scales, norms=norms)
     if "fc1/kernel" in tw.arrays:
         new = compensate_head(new, "fc1", scales.values[names[-1]], tw.info.flatten_order)
     out = write_torch(tmp_path / f"out{suffix}", tw.layout, new, source=tw, metadata={"k": "v"})
@@ -117,12 +120,13 @@ def test_rescaled_file_computes_the_same_function(
     assert len(before) == len(names)
     # Float32 bound: every weight is rounded once (relative 2**-24) and each layer sums up to
     # 9 * 512 products; rounding grows ~ sqrt(terms) * 2**-24 per layer and adds up along 16
-    # layers: ~ (16 + 68) * 6e-8 = 5e-6 of the layer's largest activation, under 1e-5.
+    # layers: ~ (16 + 68) * 6e-8 = 5e-6 of the layer's largest activation, under 1e-5. A
+    # BatchNorm adds one rounding of beta and of the running mean per layer (2 * 6e-8 more).
     for name, a, b in zip(names, before, after):
         s = torch.from_numpy(scales.values[name].astype(np.float32))[None, :, None, None]
         err = float((b * s - a).abs().max())
         assert err <= 1e-5 * float(a.abs().max()), (name, err, float(a.abs().max()))
-    if layout == "torchvision":
+    if layout in HEADS:
         with torch.no_grad():
             la, lb = original(x), module(x)
         # Logits: fc1 sums 25088 products: ~sqrt(25088) * 2**-24 = 1e-5 relative to the sum of
@@ -132,8 +136,9 @@ def test_rescaled_file_computes_the_same_function(
         tw.arrays,
         read_torch(out).arrays,
         names,
-        "fc1" if layout == "torchvision" else None,
-        ("chw", 49) if layout == "torchvision" else None,
+        "fc1" if layout in HEADS else None,
+        ("chw", 49) if layout in HEADS else None,
+        norms=norms,
     )
     assert report.is_rescaling, report.table()
     for name in names:

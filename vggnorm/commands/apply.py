@@ -130,7 +130,9 @@ def _provenance(
     scales: Scales, dead_threshold: float,
 ) -> dict[str, Any]:  # fmt: skip
     """What produced a normalized file, stored in it (and how to undo it)."""
-    stats_file = None if isinstance(stats, StatsRecord) else file_record(stats)
+    # a record knows the file it came from (collect_stats's output, read_stats's input), if any
+    path = stats.path if isinstance(stats, StatsRecord) else stats
+    stats_file = file_record(path) if path is not None and Path(path).is_file() else None
     head = loaded.bound.arch.head
     meta = record.meta
     torch_like = loaded.weights.file.format in ("safetensors", "pth")

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -271,8 +271,6 @@ class _Run:
             reached = self._accumulate(counts)
         except KeyboardInterrupt as e:
             raise self._interrupted() from e
-        except VggnormError as e:  # a failed engine (a lost cluster): keep what was counted
-            raise self._failed(e) from e
         finally:
             counts.close()  # stops decoding threads, cluster workers; drops blocks past a stop
         if not self.total.images:
@@ -284,11 +282,17 @@ class _Run:
             self.meta = replace(self.meta, target_reached=reached)
         return self._save(self.total, complete=True)
 
-    def _accumulate(self, counts: Iterator[Counted]) -> bool:
+    def _accumulate(self, counts: Generator[Counted, None, None]) -> bool:
         """Add the stretches in order; True when the target was reached at a check point."""
         last_save = time.monotonic()
         precision: float | None = None
-        for counted in counts:
+        while True:
+            try:
+                counted = next(counts)
+            except StopIteration:
+                return False
+            except VggnormError as e:  # a failed engine (a lost cluster): keep what was counted
+                raise self._failed(e) from e
             self.total = total = self.total.plus(counted)
             if self._is_check_point(total.end):
                 reached, precision = self._check(total)
@@ -300,7 +304,6 @@ class _Run:
             if self.out and time.monotonic() - last_save >= self.opts.checkpoint_seconds:
                 self._save(total, complete=False)
                 last_save = time.monotonic()
-        return False
 
     def _is_check_point(self, position: int) -> bool:
         return position % (self.meta.check_every or CHECK_EVERY) == 0 or position == len(self.items)
@@ -325,6 +328,7 @@ class _Run:
         record = StatsRecord(meta, total.layers, total.images, total.skipped)
         if self.out:
             write_stats(self.out, record)
+            record = replace(record, path=str(self.out.resolve()))
         return record
 
     def _interrupted(self) -> Interrupted:

@@ -96,6 +96,8 @@ class StatsRecord:
     layers: tuple[LayerStats, ...]
     images: tuple[str, ...]
     skipped: tuple[tuple[str, str, str], ...] = ()
+    # the stats file the record was read from or written to, if any (not part of its content)
+    path: str | None = field(default=None, compare=False)
 
     @property
     def n_images(self) -> int:

@@ -41,6 +41,7 @@ that a child stuck in C code dies even when the parent itself was killed and nev
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import mmap
@@ -48,9 +49,10 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -76,17 +78,48 @@ _ctx_lock = threading.Lock()
 _ctx: Any = None
 
 
-def _context() -> Any:
-    """The forkserver context, with vggnorm's readers preloaded in the server (set once)."""
+def _context(preload: tuple[str, ...] = ()) -> Any:
+    """The forkserver context, with vggnorm's readers preloaded in the server (set once).
+
+    ``preload``: the calling reader's own heavy modules (torch for ``.pth``, 2.5 s to import),
+    preloaded too when this call starts the server; when it runs already, each child imports
+    them. The server skips a module that is not installed."""
     global _ctx
     with _ctx_lock:
         if _ctx is None:
             ctx = multiprocessing.get_context("forkserver")
-            # Only takes effect if the server is not running yet; the list is process-wide, so
-            # keep '__main__' (the default) for any other forkserver user in this process.
-            ctx.set_forkserver_preload(["__main__", *_PRELOAD])
+            # Only takes effect if the server is not running yet. No '__main__' (the default):
+            # the server would run the user's script, and a script calling vggnorm at its top
+            # level (no `if __name__ == "__main__":` guard) would run again in it.
+            ctx.set_forkserver_preload([*_PRELOAD, *preload])
             _ctx = ctx
         return _ctx
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """While a child starts, the main module looks like an interactive session's.
+
+    multiprocessing makes every forkserver child import the parent's main script again
+    (``__mp_main__``), so that functions defined there unpickle. The guarded readers are
+    vggnorm's own module functions, so the child needs none of it, and re-running a user's
+    script is harmful: one that calls vggnorm at its top level would run its whole job again in
+    the child, and a script read from standard input cannot be imported at all.
+    """
+    main = sys.modules.get("__main__")
+    saved: dict[str, Any] = {
+        k: main.__dict__[k] for k in ("__file__", "__spec__") if main and k in main.__dict__
+    }
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__["__spec__"] = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+            if "__spec__" not in saved:
+                main.__dict__.pop("__spec__", None)
 
 
 def read_timeout(what: Path | str, error: type[VggnormError] = WeightFileError) -> float:
@@ -199,6 +232,7 @@ def run_guarded(
     what: Path | str,
     timeout: float | None = None,
     error: type[VggnormError] = WeightFileError,
+    preload: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> T:
     """Run ``fn(*args, **kwargs)`` in a child process with a deadline and return its result.
@@ -214,6 +248,7 @@ def run_guarded(
         what: the file being read; names it in errors and sizes the default deadline.
         timeout: seconds before the child is killed; default :func:`read_timeout` of ``what``.
         error: the :class:`VggnormError` subclass raised for damage, crash or timeout.
+        preload: modules for the fork server to import once, if this call starts it.
         **kwargs: keyword arguments for ``fn`` (picklable).
 
     Returns:
@@ -229,17 +264,14 @@ def run_guarded(
     """
     if timeout is None:
         timeout = read_timeout(what, error)
-    ctx = _context()
+    ctx = _context(preload)
     recv_conn, send_conn = ctx.Pipe(duplex=False)
     scratch = _scratch_fd()
-    proc = ctx.Process(
-        target=_child,
-        args=(send_conn, _Fd(scratch), timeout, fn, args, kwargs),
-        name="vggnorm-guarded-read",
-        daemon=True,
-    )
+    proc = ctx.Process(target=_child, args=(send_conn, _Fd(scratch), timeout, fn, args, kwargs),
+                       name="vggnorm-guarded-read", daemon=True)  # fmt: skip
     try:
-        proc.start()
+        with _main_hidden():
+            proc.start()
         send_conn.close()
         kind, value = _receive(proc, recv_conn, scratch, timeout, what, error)
     finally:

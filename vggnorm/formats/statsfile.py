@@ -110,7 +110,7 @@ def _read_stats(path: Path) -> StatsRecord:
         raise
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as e:  # h5py: corrupt file
         raise StatsError(f"{p}: unreadable stats file: {e}") from e
-    record = StatsRecord(meta, tuple(layers), images, tuple(skipped))
+    record = StatsRecord(meta, tuple(layers), images, tuple(skipped), str(p.resolve()))
     validate(record, str(p))
     return record
 
