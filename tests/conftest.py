@@ -17,3 +17,33 @@ from hypothesis.configuration import set_hypothesis_home_dir
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / f"vggnorm-hypothesis-{getpass.getuser()}")
 settings.register_profile("vggnorm", database=None)
 settings.load_profile("vggnorm")
+
+
+def pytest_configure(config: object) -> None:
+    """Guarded reads of .pth, .mat and .onnx files import torch, scipy.io and onnx in each child
+    unless the fork server preloaded them (done when the first guarded read starts it): let the
+    server of this session preload those that are installed, once (a missing one is skipped)."""
+    from vggnorm.formats import _guard
+
+    _guard._context(("torch", "scipy.io", "onnx"))
+
+
+_RAY_TMPDIR: list[str] = []
+
+
+def pytest_sessionstart(session: object) -> None:
+    """Each test session's Ray clusters keep their files in a folder of their own: a cluster
+    that a test kills on purpose leaves its address behind (``ray_current_cluster``), and the
+    next ``ray.init()`` of another session must not find it. Short, for Ray's socket paths."""
+    import os
+
+    if "RAY_TMPDIR" not in os.environ:
+        _RAY_TMPDIR.append(tempfile.mkdtemp(prefix="vgr-", dir="/tmp"))
+        os.environ["RAY_TMPDIR"] = _RAY_TMPDIR[0]
+
+
+def pytest_sessionfinish(session: object, exitstatus: int) -> None:
+    import shutil
+
+    for folder in _RAY_TMPDIR:
+        shutil.rmtree(folder, ignore_errors=True)

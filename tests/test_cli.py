@@ -231,7 +231,7 @@ def test_help_does_not_load_tensorflow() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "COLUMNS": "100"}).stdout  # fmt: skip
     assert out.strip().endswith("CLEAN")
-    assert "--preprocess {caffe,unit,torch}" in out and "default 224" in out
+    assert "--preprocess {caffe,unit,torch,rgb255}" in out and "default 224" in out
 
 
 @pytest.mark.keras
@@ -259,6 +259,11 @@ def test_shards_merge_to_the_unsharded_run(
         assert x.count == y.count
         np.testing.assert_allclose(y.sum, x.sum, rtol=1e-12)
         np.testing.assert_allclose(y.sumsq, x.sumsq, rtol=1e-12)
+        # the per-image sums add across shards as well: the merged precision is the single run's
+        assert x.per_image is not None and y.per_image is not None
+        assert x.per_image.images == y.per_image.images == len(a.images)
+        np.testing.assert_allclose(y.per_image.sum, x.per_image.sum, rtol=1e-12)
+        np.testing.assert_allclose(y.per_image.sumsq, x.per_image.sumsq, rtol=1e-12)
     # The merged file is as good as the single run for apply.
     assert (
         _run(["apply", "--in", str(vgg16_notop), "--out", "n.h5", "--stats", "merged.h5"])
@@ -305,3 +310,36 @@ def test_report_bn_and_verify_plot_verbs(
 
     bn = keras.models.load_model("bn.keras")
     assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in bn.layers) == 13
+
+
+def test_a_target_error_on_a_shard_is_refused_with_the_way_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # refused before the weights are read or an image decoded: no Keras, no file needed
+    argv = ["stats", "--data", str(tmp_path), "--weights", str(tmp_path / "w.h5"), "--shard",
+            "0/2", "--target-error", "2%", "--out", str(tmp_path / "s.h5")]  # fmt: skip
+    assert main(argv) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ERROR ")
+    assert "a shard cannot know the precision of the merged statistics" in err[0]
+    assert "--ray" in err[0]
+    assert not (tmp_path / "s.h5").exists()
+
+
+@pytest.mark.keras
+def test_stats_and_merge_print_the_precision(
+    tmp_path: Path, vgg16_notop: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "imgs", [f"{i}.jpg" for i in range(6)])
+    base = ["stats", "--data", "imgs", "--weights", str(vgg16_notop), "--size", "32"]
+    for i in range(2):
+        assert main([*base, "--shard", f"{i}/2", "--out", f"s{i}.h5"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "precision of the means over 3 images" in out and "block5_conv3" in out
+    assert main(["merge", "s0.h5", "s1.h5", "--out", "m.h5"]) == EXIT_OK
+    merged = capsys.readouterr().out
+    assert "precision of the means over 6 images" in merged
+    table = read_stats("m.h5").precision()
+    assert table is not None and f"±{table[0].median:.2%}" in merged

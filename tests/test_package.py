@@ -106,12 +106,13 @@ def test_write_weights_keeps_each_format(tmp_path: Path) -> None:
 
 
 def test_unknown_suffixes_are_refused_with_the_known_ones(tmp_path: Path) -> None:
-    path = tmp_path / "weights.bin"
+    path = tmp_path / "weights.npy"
     path.write_bytes(b"\0" * 16)
     with pytest.raises(vggnorm.WeightFileError, match=r"unknown weight file suffix.*\.safetensors"):
         vggnorm.read_weights(path)
     assert {adapter_for(tmp_path / n).__name__.rsplit(".", 1)[1] for n in
-            ("a.h5", "a.weights.h5", "a.keras", "a.safetensors", "a.pth", "a.pt")} == {
+            ("a.h5", "a.weights.h5", "a.keras", "a.safetensors", "a.pth", "a.pt", "a.bin",
+             "a.mat", "a.onnx")} == {
         a.__name__.rsplit(".", 1)[1] for a in ADAPTERS}  # fmt: skip
 
 

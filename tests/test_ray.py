@@ -199,3 +199,20 @@ def test_a_target_stops_ray_where_the_single_process_run_stops(
                               **kw)  # type: ignore[arg-type]  # fmt: skip
         assert there.meta.position == stop and there.meta.target_reached
         _same(there, here)  # nothing a worker computed past the stop was counted
+
+
+def test_each_worker_chooses_its_batch_with_the_same_result(cluster: object, setup: tuple) -> None:
+    from vggnorm.core.memory import activation_bytes, fixed_bytes
+    from vggnorm.formats.registry import load
+
+    root, weights, reference = setup  # the reference ran in batches of 2
+    arch = load(weights).bound.arch
+    budget = fixed_bytes(arch) + 2 * activation_bytes(arch, 32)  # exactly two images fit
+    lines: list[str] = []
+    plans: list[object] = []
+    record = collect_stats(weights, root, decode=Decode(32), max_memory=budget, check_every=CHECK,
+                           engine=_engine(2, report=lines.append), on_plan=plans.append)  # fmt: skip
+    _same(record, reference)
+    assert record.meta.batch_size == 2 and [p.batch for p in plans] == [2]  # type: ignore[attr-defined]
+    chose = [line for line in lines if line.startswith("ray worker") and "batch 2 at 32x32" in line]
+    assert len(chose) == 2 and all("the given maximum" in line for line in chose)

@@ -6,6 +6,7 @@ import itertools
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from vggnorm.core.stats import LayerStats, accumulate, empty_stats, means, merge_stats
+from vggnorm.core.stats import (
+    ImageMoments,
+    LayerStats,
+    accumulate,
+    empty_stats,
+    means,
+    merge_stats,
+)
 
 PROPERTY = settings(database=None, deadline=None, max_examples=100)
 REPO = Path(__file__).resolve().parents[1]
@@ -247,6 +255,62 @@ def test_stats_of_float32_activations_are_summed_in_float64():
     s = LayerStats.of("c", acts).merge(LayerStats.of("c", big))
     assert s.sum.dtype == np.float64
     assert s.sum.tolist() == [2.0**24 + 3]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image moments, refusals word for word, what the sums are kept in
+# --------------------------------------------------------------------------------------------
+
+
+def test_per_image_moments_of_activations():
+    # two images of 2 x 1 positions, two filters: image means (1, 3) and (2, 5)
+    acts = np.array([[[[0.0, 2.0]], [[2.0, 4.0]]], [[[1.0, 5.0]], [[3.0, 5.0]]]])
+    im = LayerStats.of("c", acts).per_image
+    assert im is not None and im.images == 2
+    assert (im.sum.tolist(), im.sumsq.tolist()) == ([3.0, 8.0], [5.0, 34.0])
+
+
+def test_per_image_moments_of_one_value_per_image_and_of_no_image_axis():
+    s = LayerStats.of("c", [[1.0, 2.0], [3.0, 4.0]])  # (images, channels): no positions
+    assert s.count == 2 and s.per_image is not None and s.per_image.images == 2
+    assert (s.per_image.sum.tolist(), s.per_image.sumsq.tolist()) == ([4.0, 6.0], [10.0, 20.0])
+    flat = LayerStats.of("c", [1.0, 2.0])  # one value per filter: no image axis, no moments
+    assert flat.count == 1 and flat.sum.tolist() == [1.0, 2.0] and flat.per_image is None
+
+
+def test_image_moments_add_and_refuse_another_width():
+    both = ImageMoments.of([[1.0]]).plus(ImageMoments.of([[2.0], [3.0]]))
+    assert (both.sum.tolist(), both.sumsq.tolist(), both.images) == ([6.0], [14.0], 3)
+    with pytest.raises(ValueError, match=r"^image moments of \(2,\) filters for \(1,\)$"):
+        ImageMoments.of([[1.0]]).plus(ImageMoments.of([[1.0, 2.0]]))
+
+
+def test_batches_carry_their_per_image_moments_or_lose_them():
+    stats = empty_stats([("a", 1)])
+    im = ImageMoments.of([[2.0]])
+    kept = accumulate(stats, {"a": ([2.0], [4.0])}, {"a": 1}, {"a": im})[0].per_image
+    assert kept is not None and (kept.sum.tolist(), kept.images) == ([2.0], 1)
+    assert accumulate(stats, {"a": ([2.0], [4.0])}, {"a": 1})[0].per_image is None
+    assert stats[0].add([2.0], [4.0], 1).per_image is None
+
+
+@pytest.mark.parametrize("batch", [np.array([1.0], dtype=np.longdouble), [Fraction(1, 3)]],
+                         ids=["longdouble", "fractions"])  # fmt: skip
+def test_sums_stay_float64_whatever_the_batch_holds(batch):
+    # numpy would add a longdouble (80-bit on x86-64) or an object array to the float64 sums in
+    # that wider type; the sums are converted first
+    s = LayerStats.empty("c", 1).add(batch, batch, 1)
+    assert s.sum.dtype == s.sumsq.dtype == np.float64
+
+
+def test_refusals_word_for_word():
+    with pytest.raises(ValueError, match=r"^c: batch sums of shape \(2,\) and \(1,\) for 2 filters$"):
+        LayerStats.empty("c", 2).add([1.0, 2.0], [1.0], 1)
+    run = empty_stats([("a", 2)])
+    with pytest.raises(ValueError, match=r"^runs cover different layers$"):
+        merge_stats(run, empty_stats([("b", 2)]))
+    with pytest.raises(ValueError, match=r"^nothing to merge$"):
+        merge_stats()
 
 
 # --------------------------------------------------------------------------------------------

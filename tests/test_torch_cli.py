@@ -35,7 +35,10 @@ CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 TORCH_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 TORCH_STD = np.array([0.229, 0.224, 0.225], np.float32)
 CASES = [("torchvision", "vgg16", ".safetensors"), ("gatys", "vgg19", ".pth"),
-         ("adain", "vgg19", ".pth")]  # fmt: skip
+         ("adain", "vgg19", ".pth"), ("torchvision_bn", "vgg16", ".pth"),
+         ("timm", "vgg16", ".safetensors"), ("features_bn", "vgg19", ".safetensors")]  # fmt: skip
+#: Layouts with a classifier head whose logits are compared.
+HEADS = ("torchvision", "torchvision_bn", "timm")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def _save(module: Any, path: Path) -> Path:
 def _torch_input(layout: str, batch: np.ndarray) -> Any:
     """What each layout's users feed their module, from uint8 RGB."""
     x = batch.astype(np.float32)
-    if layout == "torchvision":
+    if layout.startswith(("torchvision", "timm", "features")):
         x = (x / 255.0 - TORCH_MEAN) / TORCH_STD
     elif layout == "gatys":
         x = x[..., ::-1] - CAFFE_MEAN_BGR
@@ -127,7 +130,7 @@ def test_stats_apply_verify_compare_against_the_stock_module(
         live = m > 1e-8
         got = b.reshape(-1, b.shape[-1]).astype(np.float64).mean(axis=0)
         assert np.max(np.abs(got[live] - 1) * s[live]) / np.median(s[live]) <= 1e-4, conv
-    if layout == "torchvision":  # the classifier is compensated: same logits
+    if layout in HEADS:  # the classifier is compensated: same logits
         x = _torch_input(layout, batch)
         with torch.no_grad():
             za, zb = module(x).numpy(), normed(x).numpy()

@@ -231,7 +231,7 @@ def test_truncated_nan_and_foreign_files_refused(
 
 def test_paths_and_missing_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(WeightFileError, match="unknown PyTorch weight suffix"):
-        read_torch(tmp_path / "x.bin")
+        read_torch(tmp_path / "x.npy")
     with pytest.raises(WeightFileError, match="no such file"):
         read_torch(tmp_path / "absent.pth")
     path = tmp_path / "w.pth"
@@ -307,3 +307,97 @@ def test_legacy_serialization_and_writing_without_a_source(
     back = load(out)
     assert set(back) == set(state)
     assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision's IMAGENET1K_FEATURES (a NaN classifier), and export between layouts (issue #17)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_a_nan_classifier_is_read_as_the_features_alone(tmp_path: Path, suffix: str) -> None:
+    from fixtures.records import make_record
+    from vggnorm.commands.apply import normalize
+    from vggnorm.formats.registry import load as load_file
+
+    module = torch_vgg.build("torchvision", "vgg16")
+    with torch.no_grad():
+        for p in module.classifier.parameters():
+            p.fill_(float("nan"))  # as in vgg16_features-amdegroot-88682ab5.pth
+    src = save(module.state_dict(), tmp_path / f"features{suffix}")
+    loaded = load_file(src)
+    wf = loaded.weights.file
+    assert wf.preprocess == "rgb255" and "all NaN" in wf.notes[0]
+    assert loaded.bound.arch.head is None and not any(k.startswith("fc") for k in loaded.arrays)
+    dst = tmp_path / f"norm{suffix}"
+    result = normalize(src, dst, make_record(loaded.weights, loaded.bound))
+    back = load(dst)
+    for key in (k for k in back if k.startswith("classifier.")):  # passed through, NaN and all
+        assert torch.equal(back[key].isnan(), torch.ones_like(back[key], dtype=torch.bool)), key
+    normed = fresh("torchvision", "vgg16")
+    normed.load_state_dict(back, strict=True)
+    x = torch.rand((1, 3, 32, 32), generator=torch.Generator().manual_seed(1)) * 255 - 120
+    a, b = (torch_vgg.relu_outputs("torchvision", m, x) for m in (module, normed))
+    for name, before, after in zip(loaded.bound.conv_names, a, b, strict=True):
+        s = torch.from_numpy(result.scales.values[name].astype(np.float32))[None, :, None, None]
+        # float32, as test_rescaled_file_computes_the_same_function derives it
+        assert float((after * s - before).abs().max()) <= 1e-5 * float(before.abs().max()), name
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "module"),
+    [("torchvision_bn", "timm_bn", lambda: torch_vgg.TimmVGG("vgg16", batch_norm=True)),
+     ("timm", "torchvision", lambda: torch_vgg.TorchvisionVGG("vgg16")),
+     ("features_bn", "torchvision_bn", lambda: torch_vgg.TorchvisionVGG("vgg16", batch_norm=True).features),
+     ("torchvision", "features", lambda: torch_vgg.make_features("vgg16"))],
+)  # fmt: skip
+def test_export_between_layouts_is_exact(
+    tmp_path: Path, source: str, target: str, module: Callable[[], Any]
+) -> None:
+    from vggnorm.commands.export import export
+
+    original = torch_vgg.build(source, "vgg16")
+    src = save(original.state_dict(), tmp_path / "src.pth")
+    export(src, tmp_path / "out.safetensors", target)
+    out = module().eval()
+    state = load(tmp_path / "out.safetensors")
+    if target == "torchvision_bn" and isinstance(out, torch.nn.Sequential):
+        state = {k.removeprefix("features."): v for k, v in state.items()}
+    out.load_state_dict(state, strict=True)
+    x = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(2)) * 4 - 2
+    a, b = (torch_vgg.relu_outputs(source, original, x), torch_vgg.relu_outputs(target, out, x))
+    for before, after in zip(a, b, strict=True):  # the same weights: bit for bit
+        assert torch.equal(before, after)
+    if source == "timm":  # a head: the same logits (a reshape of the same numbers)
+        # timm's 7x7 conv and torchvision's Linear sum the same 25088 products in another order:
+        # ~sqrt(25088) * 2^-24 = 1e-5 of the sum of |terms| apart, a few times the logits here.
+        with torch.no_grad():
+            assert torch.allclose(original(x), out(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "words"),
+    [("torchvision", "torchvision_bn", "has no BatchNorm; the torchvision_bn layout has one"),
+     ("timm_bn", "gatys", "the gatys layout holds a VGG19"),
+     ("torchvision_bn", "features", "has a BatchNorm after every conv; the features layout has none")],
+)  # fmt: skip
+def test_export_refuses_what_a_layout_cannot_hold(
+    tmp_path: Path, source: str, target: str, words: str
+) -> None:
+    from vggnorm.commands.export import export
+    from vggnorm.core.errors import ArchitectureError
+
+    src = save(torch_vgg.build(source, "vgg16").state_dict(), tmp_path / "src.pth")
+    with pytest.raises(ArchitectureError) as info:
+        export(src, tmp_path / "out.pth", target)
+    assert words in str(info.value) and not (tmp_path / "out.pth").exists()
+
+
+def test_a_hub_pytorch_model_bin_is_a_torch_state_dict(tmp_path: Path) -> None:
+    """timm's weights on the Hugging Face hub: ``model.safetensors`` and ``pytorch_model.bin``."""
+    state = torch_vgg.build("timm", "vgg16").state_dict()
+    src = tmp_path / "pytorch_model.bin"
+    torch.save(state, src)
+    tw = read_torch(src)
+    assert (tw.container, tw.layout, tw.arch) == ("pth", "timm", "vgg16")
+    out = write_torch(tmp_path / "copy.bin", tw.layout, tw.arrays, source=tw)
+    assert all(torch.equal(load(out)[k], v) for k, v in state.items())

@@ -284,3 +284,109 @@ def test_pure_modules_import_no_framework() -> None:
         "sys.exit(1 if bad else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm, features-only and timm layouts (issue #17)
+
+#: torchvision vgg16_bn / vgg19_bn: conv, BatchNorm2d, ReLU per conv (models/vgg.py make_layers).
+TORCHVISION_BN_INDICES = {
+    "vgg16": [0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40],
+    "vgg19": [0, 3, 7, 10, 14, 17, 20, 23, 27, 30, 33, 36, 40, 43, 46, 49],
+}
+
+
+def bn_shapes(arch: str, prefix: str = "features.") -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    c_in = 3
+    for conv, i in zip(ARCHS[arch].convs, TORCHVISION_BN_INDICES[arch]):
+        shapes |= {f"{prefix}{i}.weight": (conv.filters, c_in, 3, 3), f"{prefix}{i}.bias": (conv.filters,)}
+        shapes |= {f"{prefix}{i + 1}.{k}": (conv.filters,) for k in ("weight", "bias", "running_mean", "running_var")}
+        shapes[f"{prefix}{i + 1}.num_batches_tracked"] = ()
+        c_in = conv.filters
+    return shapes
+
+
+def timm_head(hidden: int = 16, classes: int | None = 10) -> dict[str, tuple[int, ...]]:
+    shapes = {"pre_logits.fc1.weight": (hidden, 512, 7, 7), "pre_logits.fc1.bias": (hidden,),
+              "pre_logits.fc2.weight": (hidden, hidden, 1, 1), "pre_logits.fc2.bias": (hidden,)}
+    if classes:
+        shapes |= {"head.fc.weight": (classes, hidden), "head.fc.bias": (classes,)}
+    return shapes
+
+
+NEW_CASES = {
+    "torchvision_bn-vgg16": (bn_shapes("vgg16"), "torchvision_bn", "vgg16"),
+    "torchvision_bn-vgg19-head": (bn_shapes("vgg19") | {k.replace("features.", "classifier."): v for k, v in
+                                  state_shapes("torchvision", "vgg19", 25088).items() if k.startswith("classifier")},
+                                  "torchvision_bn", "vgg19"),
+    "features-vgg16": ({k.removeprefix("features."): v for k, v in state_shapes("torchvision", "vgg16").items()},
+                       "features", "vgg16"),
+    "features_bn-vgg19": (bn_shapes("vgg19", ""), "features_bn", "vgg19"),
+    "timm-vgg16": (state_shapes("torchvision", "vgg16") | timm_head(), "timm", "vgg16"),
+    "timm-vgg16-pre-logits": (state_shapes("torchvision", "vgg16") | timm_head(classes=None), "timm", "vgg16"),
+    "timm_bn-vgg19": (bn_shapes("vgg19") | timm_head(), "timm_bn", "vgg19"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", NEW_CASES)
+def test_new_layouts_are_detected_and_round_trip(case: str) -> None:
+    shapes, layout, arch = NEW_CASES[case]
+    assert (detect_layout(shapes), detect_arch(shapes, layout)) == (layout, arch)
+    state = random_state({k: v for k, v in shapes.items() if not k.endswith("tracked")})
+    state |= {k: np.array(3, np.int64) for k in shapes if k.endswith("tracked")}
+    canonical = to_canonical(state, layout, arch)
+    assert not any(k.endswith("tracked") for k in canonical)  # counters are no canonical arrays
+    back = from_canonical(canonical, layout, arch, source=state)
+    assert list(back) == list(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
+
+
+def test_batchnorm_keys_and_indices_are_torchvisions() -> None:
+    from vggnorm.core.torch_layouts import native_layer_names, norm_key_map
+
+    for arch, indices in TORCHVISION_BN_INDICES.items():
+        assert list(native_layer_names("torchvision_bn", arch).values()) == [f"features.{i}" for i in indices]
+        assert list(native_layer_names("features_bn", arch).values()) == [str(i) for i in indices]
+    norms = norm_key_map("timm_bn", "vgg16")
+    assert norms["block5_conv3_bn/gamma"] == "features.41.weight"
+    assert norms["block1_conv1_bn/moving_mean"] == "features.1.running_mean"
+
+
+def test_timms_conv_head_is_torchvisions_classifier_reshaped() -> None:
+    """timm's pre_logits.fc1 is classifier.0 reshaped to (4096, 512, 7, 7) (timm's _filter_fn):
+    both become the same canonical Dense kernel, rows in (C, H, W) order."""
+    rng = np.random.default_rng(5)
+    linear = rng.standard_normal((16, 512 * 49)).astype(np.float32)
+    tv = random_state(state_shapes("torchvision", "vgg16", 512 * 49), seed=1)
+    tv["classifier.0.weight"] = linear
+    timm = {k: v for k, v in tv.items() if k.startswith("features.")}
+    timm |= {"pre_logits.fc1.weight": linear.reshape(16, 512, 7, 7), "pre_logits.fc1.bias": tv["classifier.0.bias"],
+             "pre_logits.fc2.weight": tv["classifier.3.weight"].reshape(16, 16, 1, 1),
+             "pre_logits.fc2.bias": tv["classifier.3.bias"], "head.fc.weight": tv["classifier.6.weight"],
+             "head.fc.bias": tv["classifier.6.bias"]}  # fmt: skip
+    a, b = to_canonical(tv, "torchvision", "vgg16"), to_canonical(timm, "timm", "vgg16")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    back = from_canonical(b, "timm", "vgg16")  # an export: no source file
+    assert back["pre_logits.fc1.weight"].shape == (16, 512, 7, 7)
+    assert np.array_equal(back["pre_logits.fc1.weight"], timm["pre_logits.fc1.weight"])
+
+
+@pytest.mark.parametrize(
+    ("shapes", "words"),
+    [
+        (bn_shapes("vgg16") | {"features.1.running_var": (32,)}, "features.1.running_var has shape (32,)"),
+        ({k: v for k, v in bn_shapes("vgg16").items() if k != "features.4.num_batches_tracked"},
+         "missing 'features.4.num_batches_tracked'"),
+        (state_shapes("torchvision", "vgg16") | timm_head() | {"pre_logits.fc1.weight": (16, 256, 7, 7)},
+         "pre_logits.fc1.weight has shape (16, 256, 7, 7)"),
+        (state_shapes("torchvision", "vgg16") | {k: v for k, v in timm_head().items() if "fc2" not in k},
+         "partial head"),
+    ],
+    ids=["bn-shape", "bn-counter", "timm-fc1", "timm-partial"],
+)  # fmt: skip
+def test_new_layout_refusals_name_what_was_found(shapes: dict[str, tuple[int, ...]], words: str) -> None:
+    with pytest.raises(WeightFileError) as info:
+        detect_arch(shapes, detect_layout(shapes))
+    assert words in str(info.value) and "\n" not in str(info.value)

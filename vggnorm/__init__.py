@@ -32,6 +32,7 @@ _EXPORTS = {
     "compare_files": "commands.compare",
     "export": "commands.export",
     "merge_files": "commands.merge",
+    "write_scales": "commands.scales",
     "compute_scales": "core.rescale",
     "rescale": "core.rescale",
     "StatsRecord": "core.statsrecord",
@@ -41,6 +42,7 @@ _EXPORTS = {
     "write_weights": "formats.registry",
     "ArchitectureError": "core.errors",
     "DatasetError": "core.errors",
+    "OutOfMemoryError": "core.errors",
     "StatsError": "core.errors",
     "VerificationError": "core.errors",
     "VggnormError": "core.errors",
@@ -52,11 +54,13 @@ if TYPE_CHECKING:
     from .commands.compare import compare_files as compare_files
     from .commands.export import export as export
     from .commands.merge import merge_files as merge_files
+    from .commands.scales import write_scales as write_scales
     from .commands.stats import StatsOptions as StatsOptions
     from .commands.stats import collect_stats as collect_stats
     from .commands.verify import verify as verify
     from .core.errors import ArchitectureError as ArchitectureError
     from .core.errors import DatasetError as DatasetError
+    from .core.errors import OutOfMemoryError as OutOfMemoryError
     from .core.errors import StatsError as StatsError
     from .core.errors import VerificationError as VerificationError
     from .core.errors import VggnormError as VggnormError

@@ -106,7 +106,29 @@ def _flag_parents() -> dict[str, argparse.ArgumentParser]:
         help="vgg16 or vgg19, only needed if the weight file cannot tell",
     )
     ray = _ray_parent()
-    batch = parent()
+    batch = _batch_parent()
+    return {"common": common, "force": force, "json": as_json, "stats": stats, "model": model,
+            "ray": ray, "batch": batch}  # fmt: skip
+
+
+def _batch_size(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
+def _memory(text: str) -> int:
+    from .core.memory import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _batch_parent() -> argparse.ArgumentParser:
+    """Decoding threads, the batch and the memory budget that chooses it."""
+    from .core.memory import GPU_FRACTION, HOST_FRACTION, MAX_BATCH
+
+    batch = argparse.ArgumentParser(add_help=False)
     batch.add_argument(
         "--workers",
         type=_positive_int,
@@ -116,13 +138,23 @@ def _flag_parents() -> dict[str, argparse.ArgumentParser]:
     )
     batch.add_argument(
         "--batch-size",
-        type=_positive_int,
-        default=16,
+        type=_batch_size,
+        default="auto",
         metavar="N",
-        help="images per forward pass (default 16)",
+        help=f"images per forward pass, or auto (the default): the most whose estimated peak "
+        f"memory fits --max-memory, at most {MAX_BATCH}; stats --resume keeps the saved run's "
+        "batch unless given a number (docs/memory.md)",
     )
-    return {"common": common, "force": force, "json": as_json, "stats": stats, "model": model,
-            "ray": ray, "batch": batch}  # fmt: skip
+    batch.add_argument(
+        "--max-memory",
+        type=_memory,
+        metavar="SIZE",
+        help=f"memory budget of --batch-size auto, e.g. 8GB or 512MiB (default: "
+        f"{GPU_FRACTION * 100:.0f}%% of the GPU's memory where the forward pass runs on a GPU, "
+        f"else {HOST_FRACTION * 100:.0f}%% of the memory available to the process; with --ray, "
+        "per worker)",
+    )
+    return batch
 
 
 def _ray_parent() -> argparse.ArgumentParser:
@@ -189,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bn,
         _add_export,
         _add_compare,
+        _add_scales,
     ):
         add(command)
     return parser
@@ -246,8 +279,9 @@ def _stats_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--weights",
         metavar="PATH",
-        help="weight file: Keras (.h5, .weights.h5, .keras) or PyTorch (.safetensors, "
-        ".pth, .pt); default: Keras's ImageNet weights, downloaded and cached like "
+        help="weight file: Keras (.h5, .weights.h5, .keras), PyTorch (.safetensors, .pth, "
+        ".pt, .bin), MatConvNet (.mat) or ONNX (.onnx; name its --preprocess); default: Keras's "
+        "ImageNet weights, downloaded and cached like "
         "keras.applications",
     )
 
@@ -271,10 +305,11 @@ def _stats_image_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--preprocess",
-        choices=["caffe", "unit", "torch"],
-        help="caffe (keras.applications VGG and Gatys's vgg_conv.pth): RGB->BGR minus "
-        "the ImageNet mean; unit: /255; torch (torchvision): /255 then ImageNet "
-        "mean/std (default: the weight file's layout's own, caffe for Keras files)",
+        choices=["caffe", "unit", "torch", "rgb255"],
+        help="caffe (keras.applications VGG, Gatys's vgg_conv.pth, MatConvNet): RGB->BGR minus "
+        "the ImageNet mean; unit: /255; torch (torchvision, timm): /255 then ImageNet "
+        "mean/std; rgb255 (torchvision's IMAGENET1K_FEATURES): RGB minus (123, 117, 104) "
+        "(default: the weight file's layout's own, caffe for Keras files; an ONNX file has none)",
     )
     g.add_argument(
         "--padding",
@@ -293,8 +328,9 @@ def _stats_image_args(p: argparse.ArgumentParser) -> None:
         "--draft",
         action="store_true",
         help="decode JPEGs in the DCT domain at 1/2, 1/4 or 1/8 scale (never below "
-        "--size) before the resize: faster, but moves per-filter means by 0.4-1.3%% "
-        "median per layer on VGG16 (default: full decode, the standard statistics)",
+        "--size) before the resize: faster, but it moves per-filter means (0.5%% median "
+        "filter on a random VGG16, docs/benchmarks.md) (default: full decode, the standard "
+        "statistics)",
     )
 
 
@@ -528,25 +564,27 @@ def _add_bn(command: Any) -> None:
 def _add_export(command: Any) -> None:
     """``export``: PyTorch layouts."""
     p = command("export", ["force"],
-        "write a VGG weight file in a PyTorch layout (torchvision, Gatys, AdaIN)",
-        "Copy the weights of any supported file (Keras or PyTorch, normalized or not) into the "
-        "state-dict layout PyTorch style-transfer code loads: torchvision's vgg16/vgg19, Gatys's "
-        "vgg_conv.pth (VGG19 convs) or AdaIN's vgg_normalised.pth (VGG19 convs behind its fixed "
-        "1x1 input conv). The output is .safetensors or .pth by its suffix. What input the file "
-        "expects is printed and stored in its metadata.")  # fmt: skip
+        "write a VGG weight file in a PyTorch layout (torchvision, timm, Gatys, AdaIN)",
+        "Copy the weights of any supported file (Keras, PyTorch, MatConvNet or ONNX, normalized "
+        "or not) into the state-dict layout PyTorch code loads: torchvision's vgg16/vgg19 (or its "
+        "features alone), timm's, Gatys's vgg_conv.pth (VGG19 convs) or AdaIN's "
+        "vgg_normalised.pth (VGG19 convs behind its fixed 1x1 input conv); the _bn layouts take "
+        "a VGG with a BatchNorm after every conv. The output is .safetensors or .pth by its "
+        "suffix. What input the file expects is printed and stored in its metadata.")  # fmt: skip
     p.add_argument("--in", dest="src", metavar="PATH", required=True, help="weight file to export")
     p.add_argument(
         "--layout",
-        choices=["torchvision", "gatys", "adain"],
+        choices=["torchvision", "torchvision_bn", "features", "features_bn", "timm", "timm_bn",
+                 "gatys", "adain", "matconvnet"],
         required=True,
-        help="the PyTorch layout to write",
+        help="the layout to write: a PyTorch one, or MatConvNet's imagenet-vgg-verydeep-*.mat",
     )
     p.add_argument(
         "--out",
         dest="dst",
         metavar="PATH",
         required=True,
-        help="file to write: .safetensors (no torch needed) or .pth",
+        help="file to write: .safetensors (no torch needed) or .pth; .mat for matconvnet",
     )
     p.add_argument(
         "--fold-input",
@@ -572,6 +610,27 @@ def _add_compare(command: Any) -> None:
     p.add_argument("--stats", metavar="PATH", help="stats file gathered on ORIGINAL")
 
 
+def _add_scales(command: Any) -> None:
+    """``scales``: the factors, for code that cannot change its weights."""
+    p = command("scales", ["stats", "force"],
+        "write the per-filter factors of a stats file (for code that keeps its weights)",
+        "Write each conv filter's factor, 1/mean on the stats images (1 for a dead filter), keyed "
+        "by layer name: multiplying a ReLU output of the original network by its layer's factors "
+        "gives exactly what the normalized network computes there. The container is chosen by "
+        "the suffix of --out: .json, .npz, .safetensors or .pt/.pth.")  # fmt: skip
+    p.add_argument("--out", metavar="PATH", required=True,
+                   help="file to write: .json, .npz, .safetensors or .pt/.pth")  # fmt: skip
+    p.add_argument(
+        "--layout",
+        choices=["file", "keras", "torchvision", "torchvision_bn", "features", "features_bn",
+                 "timm", "timm_bn", "gatys", "adain"],
+        default="file",
+        help="whose layer names key the factors: file (the names in the weight file the stats "
+        "were gathered on; default), keras (block1_conv1), torchvision/timm (features.N), "
+        "features (N), gatys (conv1_1), adain; _bn: the indices of the BatchNorm models",
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class _Bar:
     """A tqdm bar on a terminal, nothing otherwise."""
@@ -585,6 +644,13 @@ class _Bar:
             extra = {} if p.precision is None else {"precision": f"±{p.precision:.1%}"}
             self.bar.set_postfix(images=p.images, skipped=p.skipped, **extra, refresh=False)
             self.bar.refresh()
+
+    def note(self, args: argparse.Namespace, msg: str) -> None:
+        """A line on stderr (above the bar, when there is one), unless quiet."""
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            _say(args, msg)
 
 
 @contextlib.contextmanager
@@ -634,20 +700,22 @@ def _run_stats(args: argparse.Namespace) -> int:
     from .core.inputs import Decode
     from .runtime.data import open_dataset
 
-    ds = open_dataset(args.data, annotations=args.annotations, split=args.split)
-    _say(args, f"found {ds.describe()}")
     options = StatsOptions(
         model=args.model, decode=Decode(args.size, args.resize, "bilinear", args.draft),
         preprocess=args.preprocess, padding=args.padding, precision=args.precision,
-        batch_size=args.batch_size, limit=args.limit, shard=args.shard, workers=args.workers,
+        batch_size=args.batch_size, max_memory=args.max_memory, limit=args.limit,
+        shard=args.shard, workers=args.workers,
         checkpoint_seconds=args.checkpoint_every, resume=args.resume, force=args.force,
         strict=args.strict, pooling=args.pooling, target_error=args.target_error,
         target_quantile=args.target_quantile, min_images=args.min_images,
         check_every=args.check_every,
     )  # fmt: skip
+    ds = open_dataset(args.data, annotations=args.annotations, split=args.split)
+    _say(args, f"found {ds.describe()}")
     with _progress(args.quiet, "stats") as bar:
         record = collect_stats(args.weights, ds, options, out=Path(args.out), progress=bar,
-                               engine=_engine(args))  # fmt: skip
+                               engine=_engine(args),
+                               on_plan=lambda plan: bar.note(args, plan.describe()))  # fmt: skip
     if args.json:
         _show(args, record)
     elif not args.quiet:
@@ -701,7 +769,8 @@ def _run_verify(args: argparse.Namespace) -> int:
     with _progress(args.quiet, "verify") as bar:
         report = verify(
             normalized, args.original, args.stats, data=args.data, limit=args.limit,
-            check_images=args.check_images, batch_size=args.batch_size, workers=args.workers,
+            check_images=args.check_images, batch_size=args.batch_size,
+            max_memory=args.max_memory, workers=args.workers,
             held_out=args.held_out, held_out_limit=args.held_out_limit,
             held_out_tol=args.held_out_tol, progress=bar, engine=_engine(args),
         )  # fmt: skip
@@ -775,6 +844,14 @@ def _run_compare(args: argparse.Namespace) -> int:
     return EXIT_OK if result.is_rescaling else EXIT_VERIFY
 
 
+def _run_scales(args: argparse.Namespace) -> int:
+    from .commands.scales import write_scales
+
+    result = write_scales(args.stats, args.out, layout=args.layout, force=args.force)
+    _show(args, result, stdout=True)
+    return EXIT_OK
+
+
 #: What to pass for each kind of remedy a library error names (``VggnormError.fix``).
 _FIXES = {
     "force": "pass --force to overwrite it",
@@ -784,6 +861,8 @@ _FIXES = {
     "split": "pick one with --split",
     "images": "pass --images A B",
     "ray": "run it on several workers with --ray instead",
+    "preprocess": "pass --preprocess caffe, torch, unit or rgb255",
+    "memory": "lower --max-memory or --batch-size",
 }
 
 
@@ -800,8 +879,8 @@ def _fail(args: argparse.Namespace, label: str, message: str, code: int) -> int:
 
 
 def _message(e: VggnormError) -> str:
-    fix = _FIXES.get(e.fix or "")
-    return f"{e}; {fix}" if fix else str(e)
+    fixes = [_FIXES[f] for f in (e.fix or "").split("+") if f in _FIXES]  # "a+b": both apply
+    return "; ".join([str(e), *fixes])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -842,4 +921,5 @@ _RUNNERS = {
     "bn": _run_bn,
     "export": _run_export,
     "compare": _run_compare,
+    "scales": _run_scales,
 }

@@ -1,5 +1,5 @@
 """The figures of ``vggnorm report`` and ``vggnorm verify --plot`` (matplotlib, the ``plot``
-extra). The numbers they show come from :mod:`vggnorm.report` and :mod:`vggnorm.verify`."""
+extra). The numbers they show come from :mod:`vggnorm.commands.report` and :mod:`vggnorm.core.verdicts`."""
 
 from __future__ import annotations
 

@@ -125,6 +125,13 @@ def _write(
     return ApplyResult(out, loaded.bound, scales, tuple(dropped), prov)
 
 
+#: Where each container keeps the scales (Keras files: datasets ``vggnorm/scales/<NN>_<layer>``).
+_SCALES_STORED = {"safetensors": "vggnorm.scales metadata (JSON)",
+                  "pth": "vggnorm.scales in the .vggnorm.json sidecar",
+                  "matconvnet": "the vggnorm_scales variable (JSON)",
+                  "onnx": "vggnorm.scales in metadata_props (JSON)"}  # fmt: skip
+
+
 def _provenance(
     loaded: Loaded, stats: str | os.PathLike[str] | StatsRecord, record: StatsRecord,
     scales: Scales, dead_threshold: float,
@@ -135,7 +142,7 @@ def _provenance(
     stats_file = file_record(path) if path is not None and Path(path).is_file() else None
     head = loaded.bound.arch.head
     meta = record.meta
-    torch_like = loaded.weights.file.format in ("safetensors", "pth")
+    where = _SCALES_STORED.get(loaded.weights.file.format, "vggnorm/scales/<NN>_<layer>")
     return provenance(
         "normalize: conv filter means on the stats images are 1",
         source=file_record(loaded.path, loaded.weights.file.format),
@@ -153,11 +160,7 @@ def _provenance(
         head_dense=head.dense[0].name if head and head.dense else None,
         dead_threshold=dead_threshold,
         dead_filters={k: v.tolist() for k, v in scales.dead.items() if len(v)},
-        scales=(
-            "vggnorm.scales metadata (JSON): float64 divisor of each filter (dead: 1)"
-            if torch_like
-            else "vggnorm/scales/<NN>_<layer>: float64 divisor of each filter (dead: 1)"
-        ),
+        scales=f"{where}: float64 divisor of each filter (dead: 1)",
         undo="kernel[..., c] *= s[c] and bias[c] *= s[c]; next conv kernel[:, :, c, :] /= s[c]; "
         "first dense rows /= s_last in flatten order",
     )  # fmt: skip

@@ -14,7 +14,7 @@ the pretrained function with the benefits of batch normalization.
 Fine-tuning the written model::
 
     model = keras.models.load_model("vgg16_bn.keras")
-    x = vggnorm.bn.preprocess_images(images_uint8, "caffe")  # the stats file's --preprocess
+    x = vggnorm.core.inputs.preprocess_images(images_uint8, "caffe")  # as the stats were
     model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss=...)
     model.fit(x, y, ...)
 

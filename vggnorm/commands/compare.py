@@ -13,6 +13,7 @@ import numpy as np
 from ..core.archs import ARCHS, FlattenOrder
 from ..core.compare import CompareReport, compare_weights, compare_with_means, scales_in_intervals
 from ..core.errors import ArchitectureError, StatsError
+from ..core.losses import format_number
 from ..core.precision import filter_precision
 from ..core.scaling import check_fingerprint
 from ..core.statsrecord import stats_by_conv
@@ -46,12 +47,11 @@ class CompareResult:
     def summary(self) -> list[str]:
         lines = self.report.table().splitlines()
         for name, row in self.means.items():
+            num = {k: format_number(v, 4) for k, v in row.items() if not isinstance(v, bool)}
             within = (f"  in the 95% interval: {row['within']}/{row['live']}, median |z| "
-                      f"{_num(row['median_z'])}" if "within" in row else "")  # fmt: skip
-            lines.append(
-                f"{name:<16} scale/mean median {_num(row['median_ratio'])}  IQR "
-                f"{_num(row['iqr_ratio'])}  corr(log) {_num(row['log_correlation'])}{within}"
-            )
+                      f"{num.get('median_z', 'n/a')}" if "within" in row else "")  # fmt: skip
+            lines.append(f"{name:<16} scale/mean median {num['median_ratio']}  IQR "
+                         f"{num['iqr_ratio']}  corr(log) {num['log_correlation']}{within}")  # fmt: skip
         if self.stats_matches_original is False:
             lines.append("note: the stats were not gathered on ORIGINAL (fingerprints differ)")
         verdict = "is" if self.is_rescaling else "is NOT"
@@ -64,10 +64,6 @@ class CompareResult:
             out["means"] = self.means
             out["stats_matches_original"] = self.stats_matches_original
         return out
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
 
 
 def compare_files(
@@ -97,7 +93,7 @@ def compare_files(
         )
     wa, wb, convs, dense, flatten = _aligned(a, b)
     try:
-        report = compare_weights(wa, wb, convs, dense, flatten)
+        report = compare_weights(wa, wb, convs, dense, flatten, norms=a.bound.arch.norms)
     except ValueError as e:  # shapes that differ or do not chain
         raise ArchitectureError(f"{original} and {other} are not the same network: {e}") from e
     result = CompareResult(str(original), str(other), report)
@@ -132,7 +128,7 @@ def _aligned(a: Loaded, b: Loaded) -> tuple[
         wa, wb, convs = dict(a.arrays), dict(b.arrays), a.bound.arch.conv_names
     head_a = a.bound.arch.head
     if head_a is None or not head_a.dense or b.bound.arch.head is None:  # compare the convs
-        keep = set(convs)
+        keep = {*convs, *a.bound.arch.norms.values()}  # and the BatchNorms after them
         wa = {k: v for k, v in wa.items() if k.rsplit("/", 1)[0] in keep}
         wb = {k: v for k, v in wb.items() if k.rsplit("/", 1)[0] in keep}
         return wa, wb, convs, None, None

@@ -21,12 +21,12 @@ import numpy.typing as npt
 
 from .._version import __version__
 from ..core.archs import Arch
-from ..core.errors import DatasetError, VerificationError
+from ..core.errors import DatasetError, OutOfMemoryError, VerificationError
 from ..core.losses import finite, format_number, loss_magnitudes, shrink_text, spread_table
 from ..core.precision import NEAR_DEAD_FRACTION
 from ..core.rescale import DEAD_THRESHOLD, Scales, rescale
 from ..core.scaling import check_fingerprint, scales_for
-from ..core.statsrecord import StatsRecord, layer_summary
+from ..core.statsrecord import StatsRecord, layer_summary, summary_line
 from ..core.topology import named_as
 from ..core.verdicts import FUNCTION_TOL, function_errors
 from ..formats.outputs import atomic_path, check_output, output_lock
@@ -62,7 +62,7 @@ def style_content_spread(
         arch: the conv chain (a head is ignored).
         arrays: the original weights, keyed ``"<layer>/kernel"``/``"<layer>/bias"``.
         norm_arrays: the normalized weights under the same keys, e.g. read from ``apply``'s
-            output; None computes them with :func:`vggnorm.rescale.rescale`.
+            output; None computes them with :func:`vggnorm.core.rescale.rescale`.
         scales: the per-filter scales of the normalization (from the stats file). They tie the
             two weight sets together: the normalized activations times the scales must give the
             original activations.
@@ -158,12 +158,7 @@ def report_dict(
 
 def summary_text(report: Mapping[str, Any]) -> list[str]:
     """Human-readable lines of a :func:`report_dict` (for the console)."""
-    lines = [
-        f"{r['name']:<16} filters {r['filters']:>4}  mean min {r['mean_min']:.3g}  "
-        f"median {r['mean_median']:.3g}  max {r['mean_max']:.3g}  "
-        f"dead {r['dead']}  near-dead {r['near_dead']}"
-        for r in report["layers"]
-    ]
+    lines = [summary_line(r) for r in report["layers"]]
     for p in report.get("intervals") or []:
         lines.append(f"{p['name']:<16} 95% interval of the means: ±{p['median']:.2%} median "
                      f"filter, ±{p['p99']:.2%} 99th percentile, ±{p['worst']:.2%} worst")  # fmt: skip
@@ -244,7 +239,11 @@ def loss_spread_for(
         raise DatasetError("the loss panel needs two images", fix="images")
     pair = np.stack([load_image(p, record.meta.decode) for p in paths])
     norm = named_as(load(normalized), loaded) if normalized else None
-    return style_content_spread(
-        loaded.bound.arch, loaded.arrays, norm, scales_for(record, loaded.bound), pair,
-        record.meta.preprocess,
-    )  # fmt: skip
+    try:
+        return style_content_spread(
+            loaded.bound.arch, loaded.arrays, norm, scales_for(record, loaded.bound), pair,
+            record.meta.preprocess,
+        )  # fmt: skip
+    except OutOfMemoryError as e:  # no batch to lower: two images at the statistics' size
+        raise OutOfMemoryError(f"{e}; the loss panel runs its two images at the size the "
+                               "statistics were gathered at") from e  # fmt: skip

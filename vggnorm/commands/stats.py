@@ -15,6 +15,7 @@ from .._version import __version__
 from ..core.archs import Arch, Padding, PoolKind
 from ..core.errors import DatasetError, Interrupted, StatsError, VggnormError
 from ..core.inputs import Decode, Precision, Preprocess
+from ..core.memory import Batching, BatchPlan, BatchSize, batching_for
 from ..core.precision import target_reached
 from ..core.stats import empty_stats
 from ..core.statsrecord import StatsMeta, StatsRecord, same_settings
@@ -53,7 +54,12 @@ class StatsOptions:
             with average pooling; the means after a pooling layer depend on it); default: the
             file's own.
         precision: ``fp32`` or ``bf16`` (activations in bfloat16, reductions in float32).
-        batch_size: images per forward pass; the last batch may be smaller and counts fully.
+        batch_size: images per forward pass, or ``"auto"``: the most whose estimated peak fits
+            ``max_memory``, at most 16 (:mod:`vggnorm.core.memory`); a resumed run keeps the
+            batch it started with unless given a number. Statistics do not depend on it beyond
+            float32 rounding.
+        max_memory: the memory budget in bytes for ``"auto"``; default: a share of the GPU's
+            memory where the forward pass runs on a GPU, of the available host memory otherwise.
         limit: use only the first ``limit`` images of the dataset's deterministic order.
         shard: ``(i, n)``: this run covers every n-th image starting at i.
         workers: decoding threads.
@@ -80,7 +86,8 @@ class StatsOptions:
     padding: Padding | None = None
     pooling: PoolKind | None = None
     precision: Precision = "fp32"
-    batch_size: int = 16
+    batch_size: BatchSize = "auto"
+    max_memory: int | None = None
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
     workers: int = 2
@@ -100,6 +107,10 @@ class StatsOptions:
             raise StatsError(f"target quantile {self.target_quantile!r}: expected (0, 1]")
         if self.min_images < 2 or self.check_every < 1:
             raise StatsError("at least 2 images before a stop, and a check every 1 image or more")
+        try:
+            Batching(self.batch_size, self.max_memory)
+        except ValueError as e:
+            raise StatsError(str(e)) from e
         if self.target_error is not None and self.shard != (0, 1):
             raise StatsError(
                 "a shard cannot know the precision of the merged statistics, so it cannot stop "
@@ -115,6 +126,7 @@ def collect_stats(
     out: str | os.PathLike[str] | None = None,
     progress: Callable[[Progress], None] | None = None,
     engine: Engine | None = None,
+    on_plan: Callable[[BatchPlan], None] | None = None,
     **settings: Any,
 ) -> StatsRecord:
     """Gather exact per-filter activation statistics of a VGG over an image dataset.
@@ -128,6 +140,7 @@ def collect_stats(
         engine: where the batches run; default here (:class:`~vggnorm.runtime.engine.LocalEngine`).
             :class:`~vggnorm.runtime.ray_engine.RayEngine` spreads them over a Ray cluster with
             the same result.
+        on_plan: called before the first image with the batch and its estimated peak memory.
         **settings: fields of :class:`StatsOptions` that replace those of ``options``.
 
     Returns:
@@ -136,6 +149,8 @@ def collect_stats(
     Raises:
         DatasetError, WeightFileError, ArchitectureError, StatsError: bad input.
         Interrupted: KeyboardInterrupt/SIGTERM; the progress so far was saved to ``out``.
+        OutOfMemoryError: the device or the host ran out of memory; the progress so far was
+            saved to ``out``.
 
     Example:
         >>> record = collect_stats("vgg16.h5", "coco/", out="s.h5", limit=500)  # doctest: +SKIP
@@ -153,7 +168,7 @@ def collect_stats(
             if start.meta.complete:
                 log.warning("%s is already complete with these settings; nothing to do", out_path)
                 return start
-        run = _Run(loaded, ds, items, out_path, opts, progress)
+        run = _Run(loaded, ds, items, out_path, opts, progress, on_plan)
         return run.go(start, engine or LocalEngine(opts.workers))
 
 
@@ -222,7 +237,7 @@ def new_meta(loaded: Loaded, ds: Dataset, items: Sequence[str], opts: StatsOptio
         target_quantile=opts.target_quantile,
         min_images=opts.min_images if opts.target_error is not None else None,
         check_every=opts.check_every,
-        batch_size=opts.batch_size,
+        batch_size=None if opts.batch_size == "auto" else opts.batch_size,
         tool_version=__version__,
         created=now(),
     )
@@ -244,7 +259,9 @@ def _resumed(out: Path, meta: StatsMeta) -> StatsRecord:
     log.info("resuming %s at image %d of %d", out, previous.meta.position, meta.selection_size)
     resumed = replace(meta, position=previous.meta.position, created=previous.meta.created,
                       complete=previous.meta.complete, updated=previous.meta.updated,
-                      target_reached=previous.meta.target_reached)  # fmt: skip
+                      target_reached=previous.meta.target_reached,
+                      batch_size=previous.meta.batch_size,  # a resume keeps the run's batch
+                      peak_memory=previous.meta.peak_memory)  # fmt: skip
     return StatsRecord(resumed, previous.layers, previous.images, previous.skipped)
 
 
@@ -258,6 +275,7 @@ class _Run:
     out: Path | None
     opts: StatsOptions
     progress: Callable[[Progress], None] | None
+    on_plan: Callable[[BatchPlan], None] | None = None
 
     def go(self, start: StatsRecord, engine: Engine) -> StatsRecord:
         """Measure the rest of the selection after ``start``, checkpointing; the final record."""
@@ -265,8 +283,9 @@ class _Run:
 
         self.meta = replace(start.meta, backend=backend_description())
         self.total = Counted(start.layers, start.images, start.skipped, start.meta.position)
-        counts = engine(self.loaded, self.ds, self.items, self.meta, self.opts.batch_size,
-                        self.total.end, self.opts.strict)  # fmt: skip
+        batching = batching_for(self.opts.batch_size, self.opts.max_memory, start.meta.batch_size)
+        counts = engine(self.loaded, self.ds, self.items, self.meta, batching, self.total.end,
+                        self.opts.strict, on_plan=self._planned)  # fmt: skip
         try:
             reached = self._accumulate(counts)
         except KeyboardInterrupt as e:
@@ -305,6 +324,13 @@ class _Run:
                 self._save(total, complete=False)
                 last_save = time.monotonic()
 
+    def _planned(self, plan: BatchPlan) -> None:
+        """Record the batch and its estimated peak memory before the first image."""
+        log.info("%s", plan.describe())
+        self.meta = replace(self.meta, batch_size=plan.batch, peak_memory=plan.peak)
+        if self.on_plan is not None:
+            self.on_plan(plan)
+
     def _is_check_point(self, position: int) -> bool:
         return position % (self.meta.check_every or CHECK_EVERY) == 0 or position == len(self.items)
 
@@ -321,7 +347,8 @@ class _Run:
         if self.out is None or self.total.end == self.meta.position:
             return error
         self._save(self.total, complete=False)
-        return type(error)(f"{error}; progress saved to {self.out}", fix="resume")
+        fix = f"{error.fix}+resume" if error.fix and error.fix != "resume" else "resume"
+        return type(error)(f"{error}; progress saved to {self.out}", fix=fix)
 
     def _save(self, total: Counted, complete: bool) -> StatsRecord:
         meta = replace(self.meta, position=total.end, complete=complete, updated=now())

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from ..core.archs import Arch
 from ..core.errors import DatasetError, StatsError, WeightFileError
+from ..core.memory import Batching, BatchPlan, BatchSize, batching_for, plan_batch
 from ..core.rescale import DEAD_THRESHOLD, Scales
 from ..core.scaling import check_fingerprint, scales_for
 from ..core.stats import LayerStats, empty_stats
@@ -39,6 +41,7 @@ from ..formats.statsfile import read_stats
 from ..runtime.data import Dataset, iter_batches, open_dataset, stats_dataset
 from ..runtime.engine import Engine, LocalEngine
 from ..runtime.measure import Counted, Progress
+from ..runtime.onnx_run import check_onnx_files
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,9 @@ class VerifyOptions:
         data: dataset path, if it moved since the stats were gathered.
         limit: re-measure means on only the first ``limit`` stats images (means then not judged).
         check_images: how many images the activation-by-activation comparison uses.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass, or ``"auto"``: the most whose estimated peak fits
+            ``max_memory``, at most 16 (:mod:`vggnorm.core.memory`).
+        max_memory: the memory budget in bytes for ``"auto"``; default: a share of the device's.
         workers: decoding threads.
         dead_threshold: default: the one the file was normalized with.
         held_out: also measure the normalized means on images the statistics never saw: a
@@ -79,7 +84,8 @@ class VerifyOptions:
     data: str | os.PathLike[str] | None = None
     limit: int | None = None
     check_images: int = 8
-    batch_size: int = 16
+    batch_size: BatchSize = "auto"
+    max_memory: int | None = None
     workers: int = 2
     dead_threshold: float | None = None
     held_out: str | os.PathLike[str] | None = None
@@ -114,15 +120,19 @@ def verify(
     Raises:
         WeightFileError, StatsError: the files cannot be compared (not vggnorm output, other
             model, stats not recorded).
+        OutOfMemoryError: a forward pass ran out of memory (a smaller batch or budget helps).
     """
     opts = replace(options or VerifyOptions(), **settings)
     inputs = _inputs(normalized, original, stats, opts)
     notes: list[str] = []
     first = inputs.items[:opts.check_images]
-    worst, n_func = _function_check(inputs, first, opts.batch_size, opts.workers)
-    predictions = _check_head(inputs, first, notes)
+    batching = batching_for(opts.batch_size, opts.max_memory)
+    worst, n_func = _function_check(inputs, first, batching, opts.workers)
+    predictions = _check_head(inputs, first, notes, batching)
+    onnx = check_onnx_files(inputs.orig, inputs.norm, inputs.ds, first, inputs.record.meta,
+                            inputs.scales, notes)  # fmt: skip
     engine = engine or LocalEngine(opts.workers)
-    measured, seen = _remeasure(inputs, inputs.ds, inputs.items, opts.batch_size, notes, progress,
+    measured, seen = _remeasure(inputs, inputs.ds, inputs.items, batching, notes, progress,
                                 engine)  # fmt: skip
     record = inputs.record
     full = seen == record.n_images
@@ -140,7 +150,7 @@ def verify(
         function_images=n_func, means_images=seen, stats_images=record.n_images,
         means_checked=full, function_tol=FUNCTION_TOL, means_tol=means_tol,
         predictions=predictions, notes=tuple(notes), stats_precision=_precision(record),
-        held_out=held_out, held_out_tol=opts.held_out_tol,
+        held_out=held_out, held_out_tol=opts.held_out_tol, onnx=onnx,
     )  # fmt: skip
 
 
@@ -161,7 +171,8 @@ def _held_out(
     if not items:
         raise DatasetError(f"no held-out image: every image of {ds.describe()} was counted")
     items = items[: opts.held_out_limit]
-    measured, _ = _remeasure(inputs, ds, items, opts.batch_size, notes, progress, engine)
+    batching = batching_for(opts.batch_size, opts.max_memory)
+    measured, _ = _remeasure(inputs, ds, items, batching, notes, progress, engine)
     return tuple(judge_held_out(conv, ls, inputs.scales)
                  for conv, ls in zip(inputs.orig.bound.conv_names, measured))  # fmt: skip
 
@@ -199,23 +210,34 @@ def _inputs(
     return _Inputs(orig, norm, record, scales, ds, items, str(original), str(stats))
 
 
+def _side_by_side(arch: Arch, size: int, batching: Batching) -> BatchPlan:
+    """The batch of a pass through two networks side by side, which keeps both networks'
+    activations on the host (fp32)."""
+    from ..runtime.network import device_budget
+
+    plan = plan_batch(arch, size, "fp32", batching, device_budget(batching.max_memory), 2)
+    log.info("%s", plan.describe())
+    return plan
+
+
 def _function_check(
-    inputs: _Inputs, items: Sequence[str], batch_size: int, workers: int
+    inputs: _Inputs, items: Sequence[str], batching: Batching, workers: int
 ) -> tuple[dict[str, float], int]:
     """Per conv, the worst ``max |a_norm * s - a| / max |a|`` over ``items``; and how many."""
     from ..runtime.network import FeatureNet
 
     meta = inputs.record.meta
+    plan = _side_by_side(inputs.orig.bound.arch, meta.size, batching)
     nets = [
         FeatureNet(x.bound.arch.without_head(), x.arrays, meta.size, meta.preprocess,  # type: ignore[arg-type]
-                   outputs="activations")
+                   outputs="activations", peak=plan.peak)
         for x in (inputs.orig, inputs.norm)
     ]  # fmt: skip
     convs = inputs.orig.bound.conv_names
     worst = dict.fromkeys(convs, 0.0)
     s = [inputs.scales.values[c].astype(np.float32) for c in convs]
     n = 0
-    for batch in iter_batches(inputs.ds, items, meta.decode, batch_size, workers=workers):
+    for batch in iter_batches(inputs.ds, items, meta.decode, plan.batch, workers=workers):
         if batch.items:
             a, b = (net.activations(batch.images) for net in nets)
             for conv, err in zip(convs, function_errors(a, b, s)):
@@ -227,7 +249,7 @@ def _function_check(
 
 
 def _remeasure(
-    inputs: _Inputs, ds: Dataset, items: Sequence[str], batch_size: int, notes: list[str],
+    inputs: _Inputs, ds: Dataset, items: Sequence[str], batching: Batching, notes: list[str],
     progress: Callable[[Progress], None] | None, engine: Engine,
 ) -> tuple[tuple[LayerStats, ...], int]:  # fmt: skip
     """The normalized network's statistics over ``items`` of ``ds``, measured in fp32 as
@@ -235,7 +257,8 @@ def _remeasure(
     meta = replace(inputs.record.meta, precision="fp32")
     zero = empty_stats((c.name, c.filters) for c in inputs.norm.bound.arch.convs)
     total = Counted(zero, (), (), 0)
-    counts = engine(inputs.norm, ds, items, meta, batch_size, 0, False)
+    counts = engine(inputs.norm, ds, items, meta, batching, 0, False,
+                    on_plan=lambda plan: log.info("%s", plan.describe()))  # fmt: skip
     try:
         for counted in counts:
             total = total.plus(counted)
@@ -252,7 +275,9 @@ def _remeasure(
     return total.layers, len(total.images)
 
 
-def _check_head(inputs: _Inputs, items: Sequence[str], notes: list[str]) -> dict[str, float] | None:
+def _check_head(
+    inputs: _Inputs, items: Sequence[str], notes: list[str], batching: Batching
+) -> dict[str, float] | None:
     """Compare the classifier logits of both networks, when the head is fully known."""
     from ..runtime.network import FeatureNet
 
@@ -264,13 +289,14 @@ def _check_head(inputs: _Inputs, items: Sequence[str], notes: list[str]) -> dict
         return None
     meta = inputs.record.meta
     decode = replace(meta.decode, size=head.input_size or meta.size)
+    plan = _side_by_side(inputs.orig.bound.arch, decode.size, batching)
     nets = [
         FeatureNet(logits_arch(x.bound.arch), x.arrays, decode.size, meta.preprocess,  # type: ignore[arg-type]
-                   outputs="activations", with_head=True)
+                   outputs="activations", with_head=True, peak=plan.peak)
         for x in (inputs.orig, inputs.norm)
     ]  # fmt: skip
     max_abs, max_rel, agree, n = 0.0, 0.0, 0, 0
-    for batch in iter_batches(inputs.ds, items, decode, 16):
+    for batch in iter_batches(inputs.ds, items, decode, plan.batch):
         if not batch.items:
             continue
         pa, pb = (net.activations(batch.images)[-1] for net in nets)

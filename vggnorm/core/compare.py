@@ -1,6 +1,6 @@
 """Is one set of VGG weights a per-filter positive rescaling of another? Pure numpy.
 
-:func:`vggnorm.rescale.rescale` maps conv l's kernel to ``b_l = a_l * s_{l-1}[in] / s_l[out]`` and its
+:func:`vggnorm.core.rescale.rescale` maps conv l's kernel to ``b_l = a_l * s_{l-1}[in] / s_l[out]`` and its
 bias to ``a_b / s_l``, and multiplies the first Dense's input rows by ``s_last`` in flatten order.
 :func:`compare_weights` recovers the ``s_l`` layer by layer from two weight sets and measures how
 well every stored value fits them.
@@ -218,6 +218,7 @@ def compare_weights(
     conv_layers: Sequence[str],
     head_dense: str | None = None,
     flatten: tuple[FlattenOrder, int] | None = None,
+    norms: Mapping[str, str] | None = None,
 ) -> CompareReport:
     """Decide whether ``b`` is ``a`` rescaled per filter by positive scales, and recover them.
 
@@ -234,10 +235,12 @@ def compare_weights(
         head_dense: the first Dense after the convs (its rows should carry ``s_last``).
         flatten: ``(order, H*W)`` for a Flatten head (``"hwc"`` Keras, ``"chw"`` torch), None
             for global pooling.
+        norms: conv -> its BatchNorm, whose beta and moving_mean are divided like the bias.
 
     Returns:
         :class:`CompareReport`; ``is_rescaling`` uses :func:`ratio_tolerance` of the arrays'
-        dtypes. Keys other than the convs and the head kernel must be bit-identical.
+        dtypes. Keys other than the convs (and their BatchNorms' beta and moving_mean) and the
+        head kernel must be bit-identical.
 
     Raises:
         ValueError: shapes differ between a and b, or do not chain.
@@ -258,15 +261,22 @@ def compare_weights(
     tiny = min(float(np.finfo(d).tiny) for d in dtypes if np.issubdtype(d, np.floating))
     layers: list[LayerComparison] = []
     prev: F64 | None = None
+    touched = {f"{n}/{p}" for n in conv_layers for p in ("kernel", "bias")}
     for name in conv_layers:
-        layers.append(_compare_conv(a, b, name, prev, tiny))
+        like_bias = _like_bias((norms or {}).get(name))
+        layers.append(_compare_conv(a, b, name, prev, tiny, like_bias))
+        touched |= set(like_bias)
         prev = layers[-1].scales
     head = None
-    touched = {f"{n}/{p}" for n in conv_layers for p in ("kernel", "bias")}
     if head_dense is not None and prev is not None:
         head = _compare_head(a, b, head_dense, prev, flatten, tiny)
         touched |= {f"{head_dense}/kernel", f"{head_dense}/bias"}
     return CompareReport(tuple(layers), tolerance, head, _changed(a, b, touched), ())
+
+
+def _like_bias(norm: str | None) -> tuple[str, ...]:
+    """A BatchNorm's arrays that a rescaling divides like its conv's bias."""
+    return (f"{norm}/beta", f"{norm}/moving_mean") if norm else ()
 
 
 def _missing(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], layers: Sequence[str]) -> tuple[str, ...]:
@@ -292,10 +302,11 @@ def _flushed(x: npt.ArrayLike, tiny: float) -> F64:
 
 def _compare_conv(
     a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], name: str, prev: F64 | None,
-    tiny: float,
+    tiny: float, like_bias: Sequence[str] = (),
 ) -> LayerComparison:  # fmt: skip
     """One conv layer: the scales that map a's filters to b's (a's input axis already divided by
-    the previous layer's scales), and how far every ratio is from them."""
+    the previous layer's scales), and how far every ratio is from them (its kernel's, its
+    bias's and those of the ``like_bias`` arrays, a BatchNorm's, divided like the bias)."""
     ka, kb = _flushed(a[f"{name}/kernel"], tiny), _flushed(b[f"{name}/kernel"], tiny)
     if ka.shape != kb.shape or ka.ndim != 4:
         raise ValueError(f"{name}/kernel: shapes {ka.shape} and {kb.shape} differ or are not 4-D")
@@ -311,12 +322,16 @@ def _compare_conv(
         mismatch, negative = mismatch + bm, negative + bn
     else:
         bias_ratio = np.full(n_out, np.nan)
+    extra = [np.full(n_out, np.nan)]
+    for key in (k for k in like_bias if k in a and k in b):
+        r, m, n = _ratios(_flushed(a[key], tiny), _flushed(b[key], tiny))
+        extra, mismatch, negative = [*extra, r], mismatch + m, negative + n
     counts = np.sum(~np.isnan(ratio), axis=0)
     kernel_med = _column_median(ratio, counts)
     scale = np.where(counts > 0, kernel_med, np.where(np.isnan(bias_ratio), 1.0, bias_ratio))
     # A nonpositive scale (sign flip) is already counted; keep the chain finite and positive.
     scale = np.where(scale > 0, scale, 1.0)
-    all_ratios = np.vstack([ratio, bias_ratio[None, :]])
+    all_ratios = np.vstack([ratio, bias_ratio[None, :], *(r[None, :] for r in extra)])
     dev = np.abs(all_ratios / scale[None, :] - 1.0)
     spread = float(np.nanmax(dev)) if np.any(~np.isnan(dev)) else 0.0
     n_ratios = int(np.count_nonzero(~np.isnan(all_ratios)))

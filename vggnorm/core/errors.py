@@ -14,8 +14,9 @@ class VggnormError(Exception):
     The message says what is wrong in the library's terms. ``fix`` names, when there is one, the
     kind of remedy (``"force"``: allow overwriting; ``"resume"``: continue the saved run;
     ``"stats"``: name the stats file; ``"split"``: choose a COCO split; ``"images"``: name two
-    images; ``"settings"``: rerun with the saved run's settings), which the CLI turns into the
-    flag to pass. It survives pickling (the guarded reader sends errors across processes).
+    images; ``"settings"``: rerun with the saved run's settings; ``"memory"``: a smaller memory
+    budget or batch), which the CLI turns into the flag to pass; remedies joined by ``+`` apply
+    together. It survives pickling (the guarded reader sends errors across processes).
     """
 
     exit_code = 1
@@ -55,3 +56,8 @@ class Interrupted(VggnormError):
 
 class OutputError(VggnormError):
     """An output cannot be written: exists, is an input, locked by another run, no space."""
+
+
+class OutOfMemoryError(VggnormError):
+    """The device or the host ran out of memory during a forward pass (names the image size, the
+    batch and the estimated peak)."""

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 Resize = Literal["crop", "stretch"]
-Preprocess = Literal["caffe", "unit", "torch"]
+Preprocess = Literal["caffe", "unit", "torch", "rgb255"]
 Precision = Literal["fp32", "bf16"]
 
 #: keras.applications VGG ("caffe"): BGR minus this mean, no scaling.
@@ -22,6 +22,9 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 #: torchvision: RGB / 255, then this mean and standard deviation.
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
+#: torchvision's VGG16 ``IMAGENET1K_FEATURES`` weights ("rgb255"): RGB in 0-255 minus
+#: 255 * (0.48235, 0.45882, 0.40784), torchvision's mean with a standard deviation of 1/255.
+RGB255_MEAN = tuple(255.0 * m for m in (0.48235, 0.45882, 0.40784))
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,8 @@ class Decode:
             whole image resized).
         interpolation: ``bilinear`` (antialiased when shrinking) or ``bicubic``.
         draft: JPEG DCT-domain downscale (1/2, 1/4 or 1/8, never below N) before the resize:
-            faster decoding, but per-filter means move by 0.4-1.3% median per layer on real
-            VGG16 (docs/benchmarks.md), so it is opt-in.
+            faster decoding, but per-filter means move (0.5% for the median filter of a random
+            VGG16, docs/benchmarks.md), so it is opt-in.
     """
 
     size: int = 224
@@ -48,7 +51,8 @@ def preprocess_images(images: npt.ArrayLike, scheme: str = "caffe") -> npt.NDArr
     """Preprocess uint8 RGB images ``(..., 3)`` exactly as the network's first layer does.
 
     ``caffe``: RGB -> BGR minus the ImageNet mean; ``unit``: RGB / 255; ``torch``: RGB / 255, then
-    ImageNet mean/std. float32 throughout, in the same order of operations as the network.
+    ImageNet mean/std; ``rgb255``: RGB minus :data:`RGB255_MEAN`. float32 throughout, in the same
+    order of operations as the network.
 
     Example:
         >>> preprocess_images(np.zeros((1, 3), np.uint8), "unit").tolist()
@@ -63,7 +67,9 @@ def preprocess_images(images: npt.ArrayLike, scheme: str = "caffe") -> npt.NDArr
         mean = np.asarray(TORCH_MEAN, dtype=np.float32)
         std = np.asarray(TORCH_STD, dtype=np.float32)
         return (x / np.float32(255.0) - mean) / std
-    raise ValueError(f"unknown preprocessing {scheme!r}; expected caffe, unit or torch")
+    if scheme == "rgb255":
+        return x - np.asarray(RGB255_MEAN, dtype=np.float32)
+    raise ValueError(f"unknown preprocessing {scheme!r}; expected caffe, unit, torch or rgb255")
 
 
 def fold_caffe_into_torch_input(

@@ -145,8 +145,9 @@ def finite(x: Any) -> Any:
     return x
 
 
-def format_number(x: float | None) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3g}"
+def format_number(x: float | None, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits; ``n/a`` for None, inf or NaN."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
 
 
 def shrink_text(factor: float | None) -> str:

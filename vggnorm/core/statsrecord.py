@@ -121,7 +121,7 @@ class StatsRecord:
         """The lines ``vggnorm stats`` prints: images and skips, then one line per layer."""
         skipped = ", ".join(f"{n} {r}" for r, n in sorted(self.skip_counts().items())) or "none"
         lines = [f"{self.meta.model}: {self.n_images} images counted, skipped: {skipped}"]
-        lines += [_summary_line(row) for row in layer_summary(self)]
+        lines += [summary_line(row) for row in layer_summary(self)]
         return lines + precision_lines(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +155,8 @@ def precision_lines(record: StatsRecord) -> list[str]:
     return lines
 
 
-def _summary_line(row: Mapping[str, Any]) -> str:
+def summary_line(row: Mapping[str, Any]) -> str:
+    """One layer of :func:`layer_summary` as a line of text."""
     return (
         f"{row['name']:<16} filters {row['filters']:>4}  mean min {row['mean_min']:.4g}  "
         f"median {row['mean_median']:.4g}  max {row['mean_max']:.4g}  dead {row['dead']}  "

@@ -23,6 +23,7 @@ from .archs import (
     DenseSpec,
     FeatureLayer,
     HeadSpec,
+    NormSpec,
     Padding,
     PoolKind,
     PoolSpec,
@@ -82,8 +83,9 @@ def _refuse_conv_batchnorm(wf: WeightFile, stock: Arch) -> None:
     widths = {c.filters for c in stock.convs}
     first_dense = next((i for i, e in enumerate(wf.layers) if e in _denses(wf.layers)), None)
     ordered = wf.format in ("legacy-h5", "legacy-h5-model")
+    placed = {bn for _, bn, _ in wf.norms}  # the file says where these sit
     for i, e in enumerate(wf.layers):
-        if not set(e.roles) & set(BN_ROLES) or not e.shapes:
+        if not set(e.roles) & set(BN_ROLES) or not e.shapes or e.name in placed:
             continue
         before_head = first_dense is None or i < first_dense
         if before_head if ordered else e.shapes[0][0] in widths:
@@ -173,6 +175,8 @@ def bind(wf: WeightFile, model: str | None = None) -> Bound:
         ArchitectureError: the file is not a VGG this tool can normalize, or disagrees with
             ``model``.
     """
+    if wf.arch is not None:
+        return _bind_recorded(wf, wf.arch, model)
     if wf.config is not None:
         from .keras_config import arch_from_config
 
@@ -194,21 +198,47 @@ def bind(wf: WeightFile, model: str | None = None) -> Bound:
             f"{wf.path} holds {len(_convs(wf.layers))} conv layers, a {stock}, not the {model} asked for"
         )
     bound = _bind_stock(wf, ARCHS[stock])
+    bound = _with_norms(bound, wf.norms) if wf.norms else bound
     return _torch_layout(bound, wf.layout) if wf.layout else bound
+
+
+def _bind_recorded(wf: WeightFile, arch: Arch, model: str | None) -> Bound:
+    """A file that records its architecture as data (an ONNX graph, a MatConvNet layer list)."""
+    stock = stock_chain(arch)
+    if model is not None and stock is not None and stock != model:
+        raise ArchitectureError(f"{wf.path} holds a {stock}, not the {model} asked for")
+    return Bound(arch, f"{wf.format} layers ({len(arch.convs)} convs)", stock)
+
+
+def _with_norms(bound: Bound, norms: Sequence[tuple[str, str, float]]) -> Bound:
+    """The BatchNorm a layout places between each conv and its ReLU (``vgg16_bn``). Such a chain
+    is not the stock network (``stock`` is None): the BatchNorms are part of its function."""
+    by_conv = {conv: NormSpec(bn, epsilon=eps) for conv, bn, eps in norms}
+    features = tuple(
+        replace(f, norm=by_conv[f.name]) if isinstance(f, ConvSpec) and f.name in by_conv else f
+        for f in bound.arch.features
+    )
+    arch = replace(bound.arch, features=features)
+    return Bound(arch, f"{bound.source}, BatchNorm between each conv and its ReLU", None)
 
 
 def _torch_layout(bound: Bound, layout: str) -> Bound:
     """A PyTorch layout's differences from Keras's VGG: the head flattens (C, H, W) and ends in
-    logits (torchvision's ``classifier.6`` has no softmax); AdaIN pads by reflection."""
+    logits (torchvision's ``classifier.6`` and timm's ``head.fc`` have no softmax; timm's
+    ``pre_logits`` alone ends in its ReLU); AdaIN pads by reflection."""
     arch = bound.arch
     head = arch.head
     if head is not None:
-        dense = list(head.layers)
-        last = dense[-1]
-        if isinstance(last, DenseSpec) and last.activation == "softmax":
-            dense[-1] = replace(last, activation="linear")
-        # torchvision's AdaptiveAvgPool2d((7, 7)) is the identity on the 7x7 map of a 224 input.
-        head = replace(head, layers=tuple(dense), flatten_order="chw", input_size=224)
+        n = len(head.layers)
+        relu_last = layout.startswith("timm") and n == 2
+        dense = tuple(
+            replace(d, activation="relu" if i < n - 1 or relu_last else "linear")
+            if isinstance(d, DenseSpec) else d
+            for i, d in enumerate(head.layers)
+        )  # fmt: skip
+        # torchvision's AdaptiveAvgPool2d((7, 7)) is the identity on the 7x7 map of a 224 input,
+        # and timm's 7x7 pre_logits.fc1 is a Dense on it (its global pooling then sees 1x1).
+        head = replace(head, layers=dense, flatten_order="chw", input_size=224)
     padding: Padding = "reflect" if layout == "adain" else "zero"
     return replace(
         bound, arch=replace(arch, head=head, padding=padding), source=f"{bound.source}, {layout} layout"
@@ -255,9 +285,21 @@ class Loaded:
 
     @property
     def preprocess(self) -> str:
-        """The input convention of the file's layout: ``caffe`` for Keras's VGG (and Gatys's
-        and AdaIN's files), ``torch`` for torchvision's."""
-        return self.weights.file.preprocess or "caffe"
+        """The input convention of the file's layout: ``caffe`` for Keras's VGG (and Gatys's,
+        AdaIN's and MatConvNet's files), ``torch`` for torchvision's and timm's.
+
+        Raises:
+            VggnormError: an ONNX file, which does not record it (``fix="preprocess"``).
+        """
+        wf = self.weights.file
+        if wf.preprocess is None and wf.format == "onnx":
+            raise VggnormError(
+                f"{self.path}: an ONNX graph does not record how its input was preprocessed; "
+                "name the preprocessing (caffe for Keras's VGG and tf2onnx exports of it, torch "
+                "for torchvision's and timm's, unit for RGB / 255)",
+                fix="preprocess",
+            )
+        return wf.preprocess or "caffe"
 
     def fingerprint(self) -> str:
         return fingerprint(self.arrays, self.bound.arch.weighted_features)
@@ -337,19 +379,32 @@ def _renamed(arrays: Mapping[str, np.ndarray], names: Mapping[str, str]) -> dict
     return out
 
 
+def stock_with_norms(arch: Arch) -> str | None:
+    """``"vgg16"``/``"vgg19"`` when ``arch`` is that network with a BatchNorm between every conv
+    and its ReLU (``vgg16_bn``), else None."""
+    if not arch.norms or len(arch.norms) != len(arch.convs):
+        return None
+    plain = tuple(replace(f, norm=None) if isinstance(f, ConvSpec) else f for f in arch.features)
+    return stock_chain(replace(arch, features=plain))
+
+
 def stock_named(loaded: Loaded) -> dict[str, np.ndarray]:
-    """A stock VGG16/VGG19's arrays under Keras's layer names (files name their layers in many
-    ways), with the first Dense's rows in PyTorch's (C, H, W) flatten order.
+    """A stock VGG16/VGG19's arrays (``vgg16_bn``'s too) under Keras's layer names (files name
+    their layers in many ways; a BatchNorm after conv ``X`` is ``X_bn``), with the first Dense's
+    rows in PyTorch's (C, H, W) flatten order.
 
     Raises:
-        ArchitectureError: the file is not a stock VGG16/VGG19.
+        ArchitectureError: the file is not a stock VGG16/VGG19, with or without BatchNorm.
     """
-    from .torch_layouts import keras_rows_to_torch
+    from .torch_layouts import keras_rows_to_torch, norm_layer
 
-    if loaded.bound.stock is None:
+    which = loaded.bound.stock or stock_with_norms(loaded.bound.arch)
+    if which is None:
         raise ArchitectureError(f"{loaded.path}: not a stock VGG16/VGG19 conv chain")
-    stock = ARCHS[loaded.bound.stock]
+    stock = ARCHS[which]
     names = dict(zip(loaded.bound.conv_names, stock.conv_names))
+    norms = loaded.bound.arch.norms
+    names.update({norms[c]: norm_layer(names[c]) for c in loaded.bound.conv_names if c in norms})
     head = loaded.bound.arch.head
     if head is not None and stock.head is not None:
         names.update(zip((d.name for d in head.dense), (d.name for d in stock.head.dense)))

@@ -7,6 +7,11 @@ Two independent checks; either alone can be fooled:
 2. *Normalized.* Re-measured over the stats images, every live filter's mean activation is 1 and
    every dead filter's mean is unchanged.
 
+Each failure is named apart (:meth:`VerifyReport.failures`): ``function`` (a conv layer's
+activations), ``predictions`` (the head's logits), ``means`` (a live filter's mean is not 1),
+``dead`` (a dead filter's mean changed: the stats called it dead, the images do not) and
+``held-out`` (means on images the stats never saw, judged only with a tolerance).
+
 Tolerances come from float32 rounding. An activation's rounding error is relative to the size of
 the dot products that make its layer (up to 4608 terms, ~1e-6 relative, growing with depth), not
 to the activation itself: a sparse filter whose few positive values sit just above the ReLU kink
@@ -70,14 +75,15 @@ class LayerCheck:
     mean_min: float  # over live filters, re-measured on the normalized network
     mean_median: float
     mean_max: float
-    dead_max_err: float
+    dead_max_err: float  # max over dead filters of |mean - mean before|
     means_err: float  # max over live filters of |mean - 1| * s_c / median(s)
     function_ok: bool
-    means_ok: bool | None  # None: means not checked (subset of the stats images)
+    means_ok: bool | None  # live filters' means are 1 (None: not judged, a subset of the images)
+    dead_ok: bool | None = None  # dead filters kept their means (None: not judged)
 
     @property
     def verdict(self) -> str:
-        if not self.function_ok or self.means_ok is False:
+        if not self.function_ok or self.means_ok is False or self.dead_ok is False:
             return "FAIL"
         return "ok" if self.means_ok else "function ok"
 
@@ -115,7 +121,8 @@ def judge_layer(
         mean_median=float(np.median(live)) if live.size else float("nan"),
         mean_max=float(live.max()) if live.size else float("nan"),
         dead_max_err=dead_err, means_err=means_err, function_ok=function_err <= FUNCTION_TOL,
-        means_ok=bool(means_err <= means_tol and dead_err <= DEAD_TOL) if full else None,
+        means_ok=bool(means_err <= means_tol) if full else None,
+        dead_ok=bool(dead_err <= DEAD_TOL) if full else None,
     )  # fmt: skip
 
 
@@ -213,17 +220,21 @@ class VerifyReport:
     # the means on images the stats never saw (None: not asked); judged only with a tolerance
     held_out: tuple[HeldOutCheck, ...] | None = None
     held_out_tol: float | None = None
+    # ONNX files: both run in onnxruntime, outputs compared as ``predictions`` (None: not run)
+    onnx: dict[str, float] | None = None
 
     @property
     def function_ok(self) -> bool:
         preds_ok = self.predictions is None or bool(self.predictions["ok"])
-        return all(c.function_ok for c in self.layers) and preds_ok
+        onnx_ok = self.onnx is None or bool(self.onnx["ok"])
+        return all(c.function_ok for c in self.layers) and preds_ok and onnx_ok
 
     @property
     def means_ok(self) -> bool | None:
+        """The normalization check: live means 1 and dead means unchanged in every layer."""
         if not self.means_checked:
             return None
-        return all(bool(c.means_ok) for c in self.layers)
+        return all(bool(c.means_ok) and c.dead_ok is not False for c in self.layers)
 
     @property
     def held_out_ok(self) -> bool | None:
@@ -236,11 +247,15 @@ class VerifyReport:
         return self.function_ok and self.means_ok is not False and self.held_out_ok is not False
 
     def failures(self) -> list[dict[str, str]]:
-        """Every failed check: ``{"check": "function"|"means"|"predictions", "layer": name}``."""
+        """Every failed check, ``{"check": ..., "layer": name}``: ``function``, ``means`` and
+        ``dead`` per conv layer, ``predictions`` for the ``head``, ``held-out`` per conv layer."""
         out = [{"check": "function", "layer": c.name} for c in self.layers if not c.function_ok]
         out += [{"check": "means", "layer": c.name} for c in self.layers if c.means_ok is False]
+        out += [{"check": "dead", "layer": c.name} for c in self.layers if c.dead_ok is False]
         if self.predictions is not None and not self.predictions["ok"]:
             out.append({"check": "predictions", "layer": "head"})
+        if self.onnx is not None and not self.onnx["ok"]:
+            out.append({"check": "onnxruntime", "layer": "outputs"})
         if self.held_out_ok is False and self.held_out is not None and self.held_out_tol is not None:
             tol = self.held_out_tol
             out += [{"check": "held-out", "layer": c.name} for c in self.held_out if not c.ok(tol)]
@@ -263,6 +278,13 @@ class VerifyReport:
             lines.append(
                 f"predictions on {int(p['images'])} images: max abs err {p['max_abs_err']:.3g}, "
                 f"max rel err {p['max_rel_err']:.3g}, top-1 agreement {p['top1_agreement']:.1%}"
+            )
+        if self.onnx:
+            o = self.onnx
+            lines.append(
+                f"onnxruntime, both files on {int(o['images'])} images: outputs max abs err "
+                f"{o['max_abs_err']:.3g}, max rel err {o['max_rel_err']:.3g}: "
+                f"{'ok' if o['ok'] else 'FAILED'}"
             )
         lines += [f"note: {note}" for note in self.notes]
         lines.append(self.precision_line())

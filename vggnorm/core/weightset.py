@@ -1,7 +1,6 @@
 """What a weight file holds, described without its I/O: layers, their arrays and what each array
-is. No h5py, no framework: :mod:`vggnorm.topology` and :mod:`vggnorm.keras_config` bind these to an
-architecture; :mod:`vggnorm.weights_io` (Keras files) and :mod:`vggnorm.torch_io` (PyTorch files)
-fill them.
+is. No h5py, no framework: :mod:`vggnorm.core.topology` and :mod:`vggnorm.core.keras_config` bind
+these to an architecture; the adapters of :mod:`vggnorm.formats` (one per container) fill them.
 
 Every array is keyed ``<layer>/<role>``, the role named once, when the file is read: ``kernel`` and
 ``bias`` for conv and dense layers (Keras shapes: conv (kh, kw, C_in, C_out), dense (rows, units)),
@@ -18,7 +17,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-Format = Literal["legacy-h5", "legacy-h5-model", "weights-h5", "keras-zip", "safetensors", "pth"]
+from .archs import Arch
+
+Format = Literal[
+    "legacy-h5", "legacy-h5-model", "weights-h5", "keras-zip", "safetensors", "pth", "matconvnet",
+    "onnx",
+]
 
 #: What each array of a layer is, named once when the file is read; keys are ``<layer>/<role>``.
 CONV_ROLES = ("kernel", "bias")
@@ -97,8 +101,17 @@ class WeightFile:
     layers: tuple[LayerEntry, ...]
     config: dict[str, Any] | None = None
     provenance: dict[str, Any] | None = None
-    layout: str | None = None  # PyTorch files: torchvision, gatys or adain
+    layout: str | None = None  # PyTorch files: torchvision, gatys, adain, ...
     preprocess: str | None = None  # the input convention the layout implies, when it says
+    # Files that say where each BatchNorm sits (PyTorch *_bn layouts): (conv, BatchNorm, epsilon)
+    norms: tuple[tuple[str, str, float], ...] = ()
+    # Files that record their whole architecture as data (an ONNX graph, a MatConvNet layer
+    # list): it, with vggnorm's layer names
+    arch: Arch | None = None
+    # Where the file names its layers otherwise: vggnorm's layer name -> the file's own
+    native_names: tuple[tuple[str, str], ...] = ()
+    # What the reader found worth saying (a NaN classifier read as features only, ...)
+    notes: tuple[str, ...] = ()
 
     @property
     def suffix(self) -> str:

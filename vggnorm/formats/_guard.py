@@ -4,8 +4,9 @@ Why a child process (issue #10, item 5): flipping single metadata bytes of a wei
 h5py raise ``OSError``/``RuntimeError``/``KeyError``... from deep inside the library, and for a
 few positions the HDF5 C library loops forever while holding the GIL. No in-process wrapper can
 bound that: a thread cannot interrupt it, a signal handler never runs. So every read of an
-untrusted HDF5 file or ``.keras`` archive runs in a child process with a deadline; the child is
-killed with SIGKILL when the deadline passes. There is deliberately no in-process fast path:
+untrusted file (HDF5 files, ``.keras`` archives, and since issue #17 ``.safetensors``, ``.pth``,
+MatConvNet ``.mat`` and ONNX files too: a flipped byte makes ``scipy.io.loadmat`` segfault)
+runs in a child process with a deadline; the child is killed with SIGKILL when the deadline passes. There is deliberately no in-process fast path:
 metadata parsing happens in every h5py call (opening, listing, attributes, even ``ds[()]``
 resolves the dataset's layout message first), so "validate in the child, read the data in the
 parent" would still run damaged-metadata code in the parent.

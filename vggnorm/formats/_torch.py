@@ -3,7 +3,8 @@ arrays turned back into a state dict of a layout. No torch import here (``.safet
 none); the containers are :mod:`.safetensors_file` and :mod:`.pth`.
 
 Stored dtypes are kept: float32/float16/float64 arrays are returned as stored, bfloat16 (which numpy
-lacks) is widened exactly to float32 and narrowed back (round to nearest even) on writing.
+lacks) is widened exactly to float32 and narrowed back (round to nearest even) on writing. The one
+integer tensor a state dict may hold is BatchNorm's ``num_batches_tracked`` (int64), passed through.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from ..core.errors import WeightFileError
 from ..core.torch_layouts import (
     ADAIN_INPUT_CONV,
     LAYOUTS,
+    TORCH_BN_EPSILON,
     Layout,
     LayoutInfo,
     detect_arch,
     detect_layout,
     from_canonical,
+    head_key_map,
+    native_layer_names,
+    norm_layer,
     to_canonical,
 )
 from ..core.weightset import LayerEntry, WeightFile, WeightSet
@@ -52,6 +57,8 @@ class TorchWeights:
             order and of the tensors the canonical map does not name, e.g. AdaIN's ``0.*``).
         dtypes: state key -> stored dtype name (``"float32"``, ``"float16"``, ``"bfloat16"``, ...).
         metadata: the safetensors ``__metadata__`` header or the ``.pth`` sidecar, str -> str.
+        head_dropped: the head was all NaN (torchvision's ``IMAGENET1K_FEATURES``): read as the
+            features alone, the head passed through untouched.
     """
 
     path: Path
@@ -62,6 +69,7 @@ class TorchWeights:
     state: Mapping[str, np.ndarray]
     dtypes: Mapping[str, str]
     metadata: Mapping[str, str] = field(default_factory=dict)
+    head_dropped: bool = False
 
     @property
     def info(self) -> LayoutInfo:
@@ -118,6 +126,17 @@ def _adain_preprocess(tw: TorchWeights) -> str:
 
 
 
+#: The integer tensors a state dict may hold: BatchNorm's counters, passed through.
+INT_KEY_SUFFIX = "num_batches_tracked"
+
+
+def _all_nan_head(state: Mapping[str, np.ndarray], layout: Layout, arch: str) -> bool:
+    """Whether the state dict's head is there and entirely NaN: torchvision's VGG16
+    ``IMAGENET1K_FEATURES`` weights, whose classifier is NaN (only the features are valid)."""
+    keys = [k for k in head_key_map(layout, arch).values() if k in state]
+    return bool(keys) and all(bool(np.all(np.isnan(state[k]))) for k in keys)
+
+
 def canonical(
     path: Path, container: Container, state: dict[str, np.ndarray], dtypes: dict[str, str],
     metadata: dict[str, str],
@@ -125,20 +144,25 @@ def canonical(
     """A state dict as read from ``path``, checked and converted to canonical arrays.
 
     Raises:
-        WeightFileError: non-finite weights, an unknown layout or wrong shapes.
-        ArchitectureError: a batch-norm VGG.
+        WeightFileError: non-finite weights (but a wholly NaN head, which is left out), an
+            unknown layout, wrong shapes, or an integer tensor that is no BatchNorm counter.
     """
     for key, arr in state.items():
-        if not np.all(np.isfinite(arr)):
-            raise WeightFileError(f"{path}: {key} holds NaN or infinite values")
+        if arr.dtype.kind in "iu" and not key.endswith(INT_KEY_SUFFIX):
+            raise WeightFileError(f"{path}: {key} has dtype {arr.dtype}; expected floats")
     shapes = {k: tuple(int(n) for n in v.shape) for k, v in state.items()}
     try:
         layout = detect_layout(shapes)
         arch = detect_arch(shapes, layout)
     except WeightFileError as e:
         raise WeightFileError(f"{path}: {e}") from e
-    arrays = to_canonical(state, layout, arch)
-    return TorchWeights(path, container, layout, arch, arrays, state, dtypes, metadata)
+    dropped = _all_nan_head(state, layout, arch)
+    heads = set(head_key_map(layout, arch).values()) if dropped else set()
+    for key, arr in state.items():
+        if key not in heads and not np.all(np.isfinite(arr)):
+            raise WeightFileError(f"{path}: {key} holds NaN or infinite values")
+    arrays = to_canonical(state, layout, arch, head=not dropped)
+    return TorchWeights(path, container, layout, arch, arrays, state, dtypes, metadata, dropped)
 
 
 def state_to_write(
@@ -149,11 +173,10 @@ def state_to_write(
     (see :func:`vggnorm.formats.torch_files.write_torch`)."""
     meta = _checked_metadata({**(source.metadata if source else {}), **(metadata or {})})
     arch_name = arch or (source.arch if source else _arch_of(canonical_arrays))
-    state = from_canonical(
-        canonical_arrays, layout, arch_name, source.state if source is not None else None
-    )
-    for key, arr in state.items():
-        if not np.all(np.isfinite(arr)):
+    kept = source.state if source is not None else {}
+    state = from_canonical(canonical_arrays, layout, arch_name, kept or None)
+    for key, arr in state.items():  # what vggnorm wrote; passed-through tensors are the source's
+        if arr is not kept.get(key) and not np.all(np.isfinite(arr)):
             raise WeightFileError(f"{path}: refusing to write {key}: NaN or infinite values")
     return state, dict(source.dtypes) if source is not None else {}, meta
 
@@ -186,9 +209,39 @@ def weight_set(tw: TorchWeights) -> WeightSet:
             provenance = json.loads(tw.metadata[PROVENANCE_KEY])
         except ValueError as e:
             raise WeightFileError(f"{tw.path}: unreadable vggnorm provenance: {e}") from e
-    preprocess = _adain_preprocess(tw) if tw.layout == "adain" else tw.info.preprocessing
-    wf = WeightFile(tw.path, tw.container, layers, None, provenance, tw.layout, preprocess)
+    wf = WeightFile(tw.path, tw.container, layers, None, provenance, tw.layout, _preprocess(tw),
+                    norms=_norms(tw), native_names=_native_names(tw), notes=_notes(tw))  # fmt: skip
     return WeightSet(wf, tw.arrays)
+
+
+def _preprocess(tw: TorchWeights) -> str:
+    if tw.layout == "adain":
+        return _adain_preprocess(tw)
+    if tw.head_dropped:  # torchvision's IMAGENET1K_FEATURES: "the original input standardization"
+        return "rgb255"
+    return tw.info.preprocessing
+
+
+def _norms(tw: TorchWeights) -> tuple[tuple[str, str, float], ...]:
+    """Where each BatchNorm of a ``_bn`` layout sits: after its conv, before the ReLU."""
+    if not tw.info.batchnorm:
+        return ()
+    return tuple((c, norm_layer(c), TORCH_BN_EPSILON) for c in native_layer_names(tw.layout, tw.arch))
+
+
+def _native_names(tw: TorchWeights) -> tuple[tuple[str, str], ...]:
+    """vggnorm's conv names -> the module names the layout gives them (``features.0``)."""
+    return tuple(native_layer_names(tw.layout, tw.arch).items())
+
+
+def _notes(tw: TorchWeights) -> tuple[str, ...]:
+    if not tw.head_dropped:
+        return ()
+    return (
+        "its head is all NaN (torchvision's VGG16 IMAGENET1K_FEATURES): read as the features "
+        "alone, the head written back as it was; its input is RGB 0-255 minus (123, 117, 104) "
+        "(preprocessing rgb255)",
+    )
 
 
 def patch_metadata(patch: Patch) -> dict[str, str]:

@@ -1,12 +1,16 @@
-"""PyTorch state dicts in ``.pth``/``.pt`` files: the only module that imports torch.
+"""PyTorch state dicts in ``.pth``/``.pt``/``.bin`` files (``torch.save``; the Hugging Face hub's
+``pytorch_model.bin``): the only module that imports torch.
 
-Loaded with ``torch.load(weights_only=True)``, which refuses to unpickle code; anything but a flat
-``{str: floating tensor}`` state dict is refused. Provenance goes into a JSON sidecar
+Loaded with ``torch.load(weights_only=True)``, which refuses to unpickle code, in a guarded child
+process (:mod:`._guard`: a damaged file ends in one error line, never a crash or a hang);
+anything but a flat ``{str: floating tensor}`` state dict (BatchNorm's int64
+``num_batches_tracked`` apart) is refused. Provenance goes into a JSON sidecar
 ``<file>.vggnorm.json`` that records the sha256 of the weight file it describes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -20,14 +24,16 @@ from ..core.errors import WeightFileError
 from ..core.torch_layouts import Layout
 from ..core.weightset import WeightFile, WeightSet
 from . import _torch
+from ._guard import run_guarded
 from ._h5 import Patch
-from ._torch import TorchWeights, one_line
+from ._torch import INT_KEY_SUFFIX, TorchWeights, one_line
 from .digest import sha256_file
 from .outputs import atomic_path, check_output
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".pth", ".pt")
+SUFFIXES = (".pth", ".pt", ".bin")  # .bin: the Hugging Face hub's pytorch_model.bin
+FORMAT = "pth"
 #: Sidecar suffix appended to a ``.pth`` file's name for its provenance.
 SIDECAR_SUFFIX = ".vggnorm.json"
 #: Sidecar key holding the sha256 of the weight file it describes.
@@ -43,6 +49,7 @@ def _import_torch(verb: str) -> Any:
 
 
 def _read_pth(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The state dict as numpy arrays and stored dtype names (run in the guarded child)."""
     torch = _import_torch("reading")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -68,7 +75,8 @@ def _read_pth(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                 f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor "
                 f"(only plain state dicts are read){hint}"
             )
-        if not value.is_floating_point():
+        counter = key.endswith(INT_KEY_SUFFIX) and value.dtype == torch.int64
+        if not value.is_floating_point() and not counter:
             raise WeightFileError(f"{path}: {key} has dtype {value.dtype}; expected floats")
         t = value.detach().cpu()
         if t.dtype == torch.bfloat16:
@@ -84,14 +92,24 @@ def _write_pth(tmp: Path, state: Mapping[str, np.ndarray], dtypes: Mapping[str, 
     tensors: dict[str, Any] = {}
     for key, arr in state.items():
         name = dtypes.get(key, arr.dtype.name)
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        t = torch.from_numpy(np.array(arr, order="C", copy=True))  # 0-d stays 0-d
         tensors[key] = t.to(getattr(torch, name)).contiguous().clone()
     torch.save(tensors, tmp)
 
 
 
+def write_tensors(path: Path, arrays: Mapping[str, np.ndarray], extra: Mapping[str, str]) -> None:
+    """``torch.save`` of ``{name: tensor}`` plus the plain strings ``extra`` (what
+    ``torch.load(weights_only=True)`` reads back), to ``path`` as it is (the caller makes the
+    write atomic)."""
+    torch = _import_torch("writing")
+    out: dict[str, Any] = {k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in arrays.items()}
+    out.update(extra)
+    torch.save(out, path)
+
+
 def detect(path: Path) -> bool:
-    """Whether this adapter reads ``path``: a ``.pth`` or ``.pt`` suffix."""
+    """Whether this adapter reads ``path``: a ``.pth``, ``.pt`` or ``.bin`` suffix."""
     return path.suffix.lower() in SUFFIXES
 
 
@@ -99,7 +117,9 @@ def read_torch(path: Path) -> TorchWeights:
     """The state dict in canonical arrays (see :func:`vggnorm.formats.torch_files.read_torch`)."""
     if not path.is_file():
         raise WeightFileError(f"{path}: no such file")
-    state, dtypes = _read_pth(path)
+    if importlib.util.find_spec("torch") is None:  # said here, not as damage from the child
+        raise ImportError(f"reading .pth needs torch: {_TORCH_INSTALL}")
+    state, dtypes = run_guarded(_read_pth, path, what=path, preload=("torch",))
     try:
         metadata = read_metadata(path)
     except WeightFileError as e:  # a stale sidecar must not make the weights unreadable

@@ -18,11 +18,12 @@ import numpy as np
 from ..core.errors import WeightFileError
 from ..core.topology import Loaded, bind
 from ..core.weightset import Format, WeightFile, WeightSet
-from . import keras_h5, keras_zip, pth, safetensors_file
+from . import keras_h5, keras_zip, matconvnet, onnx_graph, pth, safetensors_file
 from ._h5 import Patch
 
 #: Every weight-file container vggnorm reads and writes, tried in order.
-ADAPTERS: tuple[ModuleType, ...] = (keras_h5, keras_zip, safetensors_file, pth)
+ADAPTERS: tuple[ModuleType, ...] = (keras_h5, keras_zip, safetensors_file, pth, matconvnet,
+                                    onnx_graph)  # fmt: skip
 
 
 def adapter_for(path: str | os.PathLike[str]) -> ModuleType:
@@ -40,7 +41,8 @@ def adapter_for(path: str | os.PathLike[str]) -> ModuleType:
 
 
 def detect_format(path: str | os.PathLike[str]) -> Format:
-    """The layout of a weight file: a Keras layout, ``safetensors`` or ``pth``.
+    """The layout of a weight file: a Keras layout, ``safetensors``, ``pth``, ``matconvnet`` or
+    ``onnx``.
 
     Raises:
         WeightFileError: an unknown suffix, a missing file, or no known layout inside.
@@ -51,7 +53,8 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
         return fmt
     if not Path(path).is_file():
         raise WeightFileError(f"{path}: no such file")
-    return "safetensors" if adapter is safetensors_file else "pth"
+    found: Format = adapter.FORMAT
+    return found
 
 
 def read_weights(path: str | os.PathLike[str]) -> WeightSet:
@@ -59,7 +62,8 @@ def read_weights(path: str | os.PathLike[str]) -> WeightSet:
 
     Args:
         path: Keras ``.h5``/``.hdf5`` (any layout), ``.weights.h5``, ``.keras``; PyTorch
-            ``.safetensors``, ``.pth``/``.pt`` (torchvision, Gatys, AdaIN layouts).
+            ``.safetensors``, ``.pth``/``.pt`` (torchvision, timm, Gatys, AdaIN layouts, with
+            or without BatchNorm); MatConvNet ``.mat``; ONNX ``.onnx``.
 
     Returns:
         A :class:`~vggnorm.core.weightset.WeightSet`: the file's description and its arrays, keyed
@@ -67,9 +71,10 @@ def read_weights(path: str | os.PathLike[str]) -> WeightSet:
         ``moving_variance``) with Keras shapes (conv kernels HWIO).
 
     Raises:
-        WeightFileError: unknown suffix, unreadable, damaged (Keras files are read in a child
+        WeightFileError: unknown suffix, unreadable, damaged (every file is read in a child
             process with a deadline) or unknown layout, links, or NaN/inf weights.
-        ArchitectureError: a PyTorch layout vggnorm cannot rescale exactly.
+        ArchitectureError: a network vggnorm cannot rescale exactly (names the layer or node).
+        ImportError: the format's optional dependency is not installed.
 
     Example:
         >>> ws = read_weights("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")  # doctest: +SKIP

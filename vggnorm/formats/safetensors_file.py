@@ -1,6 +1,7 @@
 """PyTorch state dicts in ``.safetensors`` files, read and written with the ``safetensors``
-package on numpy buffers: no torch needed, no code in the file. Provenance goes into the header
-metadata (``__metadata__``, str -> str).
+package on numpy buffers: no torch needed, no code in the file. Reads run in a guarded child
+process (:mod:`._guard`), like every weight file's. Provenance goes into the header metadata
+(``__metadata__``, str -> str).
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ from ..core.errors import WeightFileError
 from ..core.torch_layouts import Layout
 from ..core.weightset import WeightFile, WeightSet
 from . import _torch
+from ._guard import run_guarded
 from ._h5 import Patch
-from ._torch import TorchWeights, bf16_to_f32, f32_to_bf16, one_line
+from ._torch import INT_KEY_SUFFIX, TorchWeights, bf16_to_f32, f32_to_bf16, one_line
 from .outputs import atomic_path, check_output
 
 SUFFIXES = (".safetensors",)
+FORMAT = "safetensors"
 
 _SAFETENSORS_DTYPES: dict[str, str] = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
     "BF16": "bfloat16",
+    "I64": "int64",  # BatchNorm's num_batches_tracked only
 }
 
 
@@ -44,7 +48,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     dtypes: dict[str, str] = {}
     for key, spec in sorted(raw, key=lambda item: item[0]):
         code = str(spec["dtype"])
-        if code not in _SAFETENSORS_DTYPES:
+        if code not in _SAFETENSORS_DTYPES or (code == "I64" and not key.endswith(INT_KEY_SUFFIX)):
             raise WeightFileError(f"{path}: {key} has dtype {code}; expected a float tensor")
         name = _SAFETENSORS_DTYPES[code]
         if code == "BF16":
@@ -80,6 +84,12 @@ def _write_safetensors(
 
 
 
+def write_arrays(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """``arrays`` (numpy dtypes) and header ``metadata`` to ``path`` as it is (the caller makes the
+    write atomic)."""
+    _write_safetensors(path, arrays, {k: v.dtype.name for k, v in arrays.items()}, dict(metadata))
+
+
 def detect(path: Path) -> bool:
     """Whether this adapter reads ``path``: a ``.safetensors`` suffix."""
     return path.suffix.lower() in SUFFIXES
@@ -89,7 +99,7 @@ def read_torch(path: Path) -> TorchWeights:
     """The state dict in canonical arrays (see :func:`vggnorm.formats.torch_files.read_torch`)."""
     if not path.is_file():
         raise WeightFileError(f"{path}: no such file")
-    state, dtypes, metadata = _read_safetensors(path)
+    state, dtypes, metadata = run_guarded(_read_safetensors, path, what=path)
     return _torch.canonical(path, "safetensors", state, dtypes, metadata)
 
 

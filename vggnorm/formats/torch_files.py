@@ -28,7 +28,7 @@ def container_of(path: Path | str) -> Container:
     """The container a path's suffix selects.
 
     Raises:
-        WeightFileError: any suffix but ``.safetensors``, ``.pth`` and ``.pt``.
+        WeightFileError: any suffix but ``.safetensors``, ``.pth``, ``.pt`` and ``.bin``.
     """
     p = Path(path)
     for name, module in _CONTAINERS.items():
@@ -36,7 +36,7 @@ def container_of(path: Path | str) -> Container:
             return name
     raise WeightFileError(
         f"{path}: unknown PyTorch weight suffix {p.suffix.lower()!r}; expected .safetensors, "
-        ".pth or .pt"
+        ".pth, .pt or .bin"
     )
 
 

@@ -38,7 +38,7 @@ def build_bn_model(
     """A Keras VGG with an identity-initialised BatchNormalization after every ReLU conv.
 
     Args:
-        arch: the architecture (from :func:`vggnorm.topology.bind`).
+        arch: the architecture (from :func:`vggnorm.core.topology.bind`).
         arrays: its weights, ``"<layer>/kernel"``/``"<layer>/bias"``.
         record: complete statistics gathered on these conv weights; matched to the convs by
             position.

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..core.errors import DatasetError
 from ..core.inputs import Decode
+from ..core.memory import Batching, BatchPlan, plan_batch
 from ..core.stats import LayerStats, accumulate, empty_stats, merge_stats
 from ..core.statsrecord import StatsMeta
 from ..core.topology import Loaded
@@ -79,11 +80,26 @@ def measure(
         yield Counted(layers, tuple(batch.items), tuple(batch.skipped), batch.end)
 
 
-def feature_net(loaded: Loaded, meta: StatsMeta, batch_size: int) -> Any:
+def resolve_batch(
+    loaded: Loaded, meta: StatsMeta, batching: int | Batching, share: float = 1.0
+) -> BatchPlan:
+    """The batch that measures ``loaded`` with ``meta``'s settings on this process's device
+    (its GPU, else the host; ``share`` of it by default), and its estimated peak memory
+    (imports Keras)."""
+    from .network import device_budget
+
+    if not isinstance(batching, Batching):
+        batching = Batching(batching)
+    budget = device_budget(batching.max_memory, share)
+    return plan_batch(loaded.bound.arch, meta.size, meta.precision, batching, budget)
+
+
+def feature_net(loaded: Loaded, meta: StatsMeta, plan: BatchPlan) -> Any:
     """The network that measures ``loaded``'s conv statistics with ``meta``'s settings, in
-    batches of exactly ``batch_size`` images (imports Keras)."""
-    from .network import FeatureNet
+    batches of exactly ``plan.batch`` images (imports Keras)."""
+    from .network import FeatureNet, out_of_memory
 
     arch = loaded.bound.arch.without_head()
-    return FeatureNet(arch, loaded.arrays, meta.size, meta.preprocess, meta.precision,  # type: ignore[arg-type]
-                      batch_size=batch_size)  # fmt: skip
+    with out_of_memory(lambda: f"building {arch.name} ({plan.describe()})"):
+        return FeatureNet(arch, loaded.arrays, meta.size, meta.preprocess, meta.precision,  # type: ignore[arg-type]
+                          batch_size=plan.batch, peak=plan.peak)  # fmt: skip

@@ -1,10 +1,10 @@
-"""The only module that imports Keras: builds the network from an :class:`~vggnorm.archs.Arch`.
+"""The only module that imports Keras: builds the network from an :class:`~vggnorm.core.archs.Arch`.
 
 The network is rebuilt from the architecture table and the parsed weight arrays, so no code from a
 model file ever runs. Images enter as uint8 RGB; preprocessing runs inside the compiled graph. The
 stats model reduces every conv's post-ReLU activations to per-filter sum and sum of squares on the
 device (along each image row in the activation's dtype, float64 beyond), so only a few KB per batch reach the host,
-where :mod:`vggnorm.stats` accumulates them in float64.
+where :mod:`vggnorm.core.stats` accumulates them in float64.
 """
 
 from __future__ import annotations
@@ -22,8 +22,23 @@ import numpy as np
 import numpy.typing as npt
 
 from ..core.archs import ActivationSpec, Arch, ConvSpec, DenseSpec, HeadSpec, NormSpec, PoolSpec
-from ..core.errors import WeightFileError
-from ..core.inputs import CAFFE_MEAN_BGR, TORCH_MEAN, TORCH_STD, Precision, Preprocess
+from ..core.errors import OutOfMemoryError, WeightFileError
+from ..core.inputs import (
+    CAFFE_MEAN_BGR,
+    RGB255_MEAN,
+    TORCH_MEAN,
+    TORCH_STD,
+    Precision,
+    Preprocess,
+)
+from ..core.memory import (
+    GPU_FRACTION,
+    HOST_FRACTION,
+    Budget,
+    activation_bytes,
+    fixed_bytes,
+    format_bytes,
+)
 from ..core.stats import ImageMoments
 from ..core.weightset import BN_ROLES, CONV_ROLES
 
@@ -77,6 +92,25 @@ def keras_module() -> Any:
     return keras
 
 
+@contextlib.contextmanager
+def out_of_memory(what: Callable[[], str]) -> Iterator[None]:
+    """Turn running out of memory in the block (TensorFlow's ``ResourceExhaustedError``, a
+    ``MemoryError``) into an :class:`OutOfMemoryError` whose message starts ``out of memory``
+    and goes on with ``what()``."""
+    errors: tuple[type[BaseException], ...] = (MemoryError,)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        errors += (tf.errors.ResourceExhaustedError,)
+    try:
+        yield
+    except errors as e:
+        detail = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
+        raise OutOfMemoryError(
+            f"out of memory {what()}: {type(e).__name__}{': ' if detail else ''}{detail}",
+            fix="memory",
+        ) from e
+
+
 def _preprocess_layer(keras: Any, scheme: Preprocess) -> Any:
     ops = keras.ops
 
@@ -87,6 +121,8 @@ def _preprocess_layer(keras: Any, scheme: Preprocess) -> Any:
                 return ops.flip(x, axis=-1) - ops.convert_to_tensor(CAFFE_MEAN_BGR)
             if scheme == "unit":
                 return x / 255.0
+            if scheme == "rgb255":  # torchvision's VGG16 IMAGENET1K_FEATURES weights
+                return x - ops.convert_to_tensor(RGB255_MEAN)
             mean = ops.convert_to_tensor(TORCH_MEAN)
             std = ops.convert_to_tensor(TORCH_STD)
             return (x / 255.0 - mean) / std
@@ -228,11 +264,15 @@ class FeatureNet:
         outputs: Literal["moments", "activations"] = "moments",
         with_head: bool = False,
         batch_size: int | None = None,
+        peak: int | None = None,
     ) -> None:
         keras = keras_module()
         self.arch = arch
         self.batch_size = batch_size
         self.size = size
+        self.precision = precision
+        self.outputs = outputs
+        self.peak = peak  # the run's estimated peak memory, named if it runs out
         inputs = keras.Input((size, size, 3), dtype="uint8", name="images")
         x = _preprocess_layer(keras, preprocess)(inputs)
         dtype = "mixed_bfloat16" if precision == "bf16" else "float32"
@@ -264,8 +304,9 @@ class FeatureNet:
         n = int(images.shape[0])
         if self.batch_size is not None and n < self.batch_size:
             pad = np.zeros((self.batch_size - n, *images.shape[1:]), dtype=images.dtype)
-            images = np.concatenate([images, pad])
-        out = self.model.predict_on_batch(images)
+            with out_of_memory(lambda: self._running(self.batch_size or n)):
+                images = np.concatenate([images, pad])
+        out = self._predict(images)
         sums = {}
         for name, o in zip((c.name for c in self.arch.convs), out):
             per_image = np.asarray(o, dtype=np.float64)[:n]
@@ -277,8 +318,122 @@ class FeatureNet:
         return sums
 
     def activations(self, images: npt.NDArray[np.uint8]) -> list[np.ndarray]:
-        out = self.model.predict_on_batch(images)
-        return [np.asarray(o, dtype=np.float32) for o in out]
+        out = self._predict(images)
+        with out_of_memory(lambda: self._running(len(images))):
+            return [np.asarray(o, dtype=np.float32) for o in out]
+
+    def image_means(self, images: npt.NDArray[np.uint8]) -> dict[str, np.ndarray]:
+        """Per conv, each image's mean of each filter over its positions, ``(images, filters)``
+        float64: the per-image values whose moments :meth:`moments` sums (a moments network)."""
+        out = self._predict(images)
+        return {
+            c.name: np.asarray(o, dtype=np.float64)[:, 0] / self._spatial[c.name]
+            for c, o in zip(self.arch.convs, out)
+        }
+
+    def _predict(self, images: npt.NDArray[np.uint8]) -> Any:
+        """The forward pass; running out of memory is an :class:`OutOfMemoryError` naming the
+        image size, the batch and the estimated peak."""
+        with out_of_memory(lambda: self._running(int(images.shape[0]))):
+            return self.model.predict_on_batch(images)
+
+    def _running(self, batch: int) -> str:
+        peak = self.peak
+        if peak is None:  # the network's own estimate (its arch has no head: no head weights)
+            copies = 1 if self.outputs == "activations" else 0
+            per_image = activation_bytes(self.arch, self.size, self.precision, copies)
+            peak = fixed_bytes(self.arch) + batch * per_image
+        return (f"running {self.arch.name} at {self.size}x{self.size} {self.precision}, batch "
+                f"{batch} (estimated peak {format_bytes(peak)})")  # fmt: skip
+
+
+def device_budget(max_memory: int | None = None, share: float = 1.0) -> Budget:
+    """The memory a forward pass here may use: ``max_memory`` bytes when given; else
+    :data:`~vggnorm.core.memory.GPU_FRACTION` of the GPU's memory where TensorFlow runs on a GPU,
+    :data:`~vggnorm.core.memory.HOST_FRACTION` of the memory available to this process
+    otherwise; of that, ``share`` (a Ray worker's part of a device it shares with others)."""
+    if max_memory is not None:
+        return Budget(max_memory, "the given maximum")
+    part = "" if share >= 1 else f"this worker's {share:.0%} share of "
+    gpu = gpu_memory()
+    if gpu is not None:
+        name, total = gpu
+        if total is None:
+            return Budget(None, f"unknown: the memory of {name} could not be read")
+        return Budget(int(GPU_FRACTION * share * total),
+                      f"{GPU_FRACTION:.0%} of {part}{name}'s {format_bytes(total)}")  # fmt: skip
+    host = host_available()
+    if host is None:
+        return Budget(None, "unknown: the memory available could not be read")
+    return Budget(int(HOST_FRACTION * share * host), f"{HOST_FRACTION:.0%} of {part}the "
+                  f"{format_bytes(host)} available to this process")  # fmt: skip
+
+
+def gpu_memory() -> tuple[str, int | None] | None:
+    """The GPU TensorFlow runs on (its first visible one) and the bytes it may allocate there;
+    None where the forward pass runs on the CPU."""
+    keras = keras_module()
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    name = "GPU:0"
+    try:
+        from tensorflow.python.client import device_lib
+
+        details = tf.config.experimental.get_device_details(gpus[0])
+        name = f"GPU:0 ({details.get('device_name', 'unknown')})"
+        limits = [d.memory_limit for d in device_lib.list_local_devices() if d.device_type == "GPU"]
+        return name, int(limits[0])
+    except Exception:  # a private module that may move; the budget is then unknown, not wrong
+        return name, None
+
+
+def host_available() -> int | None:
+    """Bytes this process could hold: what it holds now plus the host's available memory
+    (``MemAvailable``), or within a cgroup memory limit what the limit leaves, if less. None
+    where ``/proc`` cannot tell (not Linux)."""
+    try:
+        available = _kib_field("/proc/meminfo", "MemAvailable")
+        held = _kib_field("/proc/self/status", "VmRSS")
+    except (OSError, ValueError, StopIteration):
+        return None
+    left = _cgroup_left()
+    return (available if left is None else min(available, left)) + held
+
+
+def _kib_field(path: str, key: str) -> int:
+    line = next(x for x in Path(path).read_text().splitlines() if x.startswith(f"{key}:"))
+    return int(line.split()[1]) * 1024
+
+
+#: cgroup v2 and v1: the memory limit, the usage, and the usage's reclaimable page cache.
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current",
+     "/sys/fs/cgroup/memory.stat", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)  # fmt: skip
+
+
+def _cgroup_left() -> int | None:
+    """What this cgroup's memory limit leaves (limit - usage + inactive page cache, as the
+    kubelet counts a working set); None without a limit."""
+    for limit_file, usage_file, stat_file, key in _CGROUP_FILES:
+        try:
+            text = Path(limit_file).read_text().strip()
+            if text == "max" or int(text) >= 2**60:  # v1 writes "no limit" as ~2^63
+                return None
+            usage = int(Path(usage_file).read_text())
+            lines = Path(stat_file).read_text().splitlines()
+            stat = dict(line.split(maxsplit=1) for line in lines if line.strip())
+            return max(0, int(text) - usage + int(stat.get(key, 0)))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def backend_description() -> str:

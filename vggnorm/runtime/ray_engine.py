@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import DatasetError, VggnormError
+from ..core.memory import Batching, BatchPlan
 from ..core.statsrecord import StatsMeta
 from ..core.topology import Loaded
 from .data import Dataset
@@ -68,18 +69,37 @@ def _ray() -> Any:
     return ray
 
 
+def _share() -> float:
+    """This worker's part of its device, by the resources Ray gave it: its fraction of a GPU, or
+    its CPUs of its node's (CPU workers on one node share its memory)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    assigned = ctx.get_assigned_resources()  # type: ignore[no-untyped-call]
+    if assigned.get("GPU"):
+        return min(1.0, float(assigned["GPU"]))
+    try:
+        nodes = ray.nodes()  # type: ignore[no-untyped-call]
+        node = next(n for n in nodes if n["NodeID"] == ctx.get_node_id())
+        return min(1.0, float(assigned["CPU"]) / float(node["Resources"]["CPU"]))
+    except (StopIteration, KeyError, ZeroDivisionError):
+        return 1.0
+
+
 class Worker:
     """The body of one Ray actor (wrapped with ``ray.remote`` at run time, so that importing
-    this module needs no Ray): the network built once, then one block per call."""
+    this module needs no Ray): the batch chosen for this worker's own device (its GPU, else its
+    node's memory) and the network built once, then one block per call."""
 
     def __init__(
         self, loaded: Loaded, meta: StatsMeta, ds: Dataset, items: Sequence[str], threads: int,
-        batch_size: int,
+        batch: int | Batching,
     ) -> None:  # fmt: skip
         os.environ.update(WORKER_ENV)
-        from .measure import feature_net
+        from .measure import feature_net, resolve_batch
 
-        self.net = feature_net(loaded, meta, batch_size)
+        self.plan = resolve_batch(loaded, meta, batch, _share())
+        self.net = feature_net(loaded, meta, self.plan)
         self.ds = ds
         self.items = items
         self.meta = meta
@@ -101,11 +121,10 @@ class Worker:
             "actor_id": ctx.get_actor_id(),
             "pid": os.getpid(),
             "problem": problem,
+            "plan": self.plan,
         }
 
-    def block(
-        self, start: int, end: int, batch_size: int, strict: bool
-    ) -> tuple[Counted, dict[str, Any]]:
+    def block(self, start: int, end: int, strict: bool) -> tuple[Counted, dict[str, Any]]:
         """The sums of ``items[start:end]``, counted and skipped images in order; ``end`` is the
         position after the block in the whole selection."""
         from .measure import measure
@@ -113,7 +132,7 @@ class Worker:
         t0 = time.monotonic()
         total: Counted | None = None
         stretches = measure(self.net, self.ds, self.items[start:end], self.meta.decode,
-                            batch_size, workers=self.threads, strict=strict)  # fmt: skip
+                            self.plan.batch, workers=self.threads, strict=strict)  # fmt: skip
         try:
             for counted in stretches:
                 total = counted if total is None else total.plus(counted)
@@ -140,8 +159,10 @@ class _Slot:
 class RayEngine:
     """Where ``stats`` and ``verify`` run their forward passes: a Ray cluster.
 
-    Call it as ``engine(loaded, ds, items, meta, batch_size, start, strict)``: a generator of
-    :class:`Counted`, one per block of ``items[start:]``, in order.
+    Call it as ``engine(loaded, ds, items, meta, batch, start, strict, on_plan)``: a generator of
+    :class:`Counted`, one per block of ``items[start:]``, in order. With ``"auto"``
+    (:class:`~vggnorm.core.memory.Batching`) each worker chooses its batch for its own device;
+    ``on_plan`` gets the smallest, and ``report`` a line per worker, before the first block.
 
     Args:
         address: as ``ray.init`` takes it (``auto``, ``ray://host:10001``, ``host:port``); None
@@ -150,7 +171,7 @@ class RayEngine:
         workers: number of workers; default one per GPU, else one per ``cpus_per_worker`` CPUs.
         cpus_per_worker: CPUs each worker reserves (decoding threads, and the forward pass
             without GPUs).
-        batch_size: images per forward pass (the call's ``batch_size`` wins; kept for
+        batch_size: images per forward pass, or ``"auto"`` (the call's ``batch`` wins; kept for
             ``description``).
         report: called with each line of the per-worker summary at the end of a run.
         max_restarts: Ray restarts of a killed worker (each retrying its queued blocks).
@@ -163,7 +184,7 @@ class RayEngine:
         *,
         workers: int | None = None,
         cpus_per_worker: float = 2,
-        batch_size: int = 16,
+        batch_size: int | str = "auto",
         report: Callable[[str], None] | None = None,
         max_restarts: int = 3,
         init_kwargs: dict[str, Any] | None = None,
@@ -190,7 +211,8 @@ class RayEngine:
 
     def __call__(
         self, loaded: Loaded, ds: Dataset, items: Sequence[str], meta: StatsMeta,
-        batch_size: int, start: int, strict: bool,
+        batch: int | Batching, start: int, strict: bool,
+        on_plan: Callable[[BatchPlan], None] | None = None,
     ) -> Generator[Counted, None, None]:  # fmt: skip
         ray = _ray()
         started = False
@@ -208,7 +230,8 @@ class RayEngine:
                     where = self.address or "a local cluster"
                     raise VggnormError(f"could not start or reach Ray at {where}: {e}") from e
                 started = True
-            yield from self._run(ray, loaded, ds, items, meta, batch_size, start, strict, refs)
+            run = self._run(ray, loaded, ds, items, meta, batch, start, strict, refs, on_plan)
+            yield from run
         finally:
             self._stop(ray, refs, started)
 
@@ -260,7 +283,8 @@ class RayEngine:
 
     def _run(
         self, ray: Any, loaded: Loaded, ds: Dataset, items: Sequence[str], meta: StatsMeta,
-        batch_size: int, start: int, strict: bool, refs: dict[Any, tuple[int, _Slot]],
+        batch: int | Batching, start: int, strict: bool, refs: dict[Any, tuple[int, _Slot]],
+        on_plan: Callable[[BatchPlan], None] | None,
     ) -> Generator[Counted, None, None]:  # fmt: skip
         """Blocks of ``items[start:]`` on the workers, up to ``DEPTH`` queued on each, yielded in
         block order (those that finish early wait in ``done``)."""
@@ -268,9 +292,10 @@ class RayEngine:
         cls = ray.remote(Worker).options(**opts)
         # Weights and item list once into the object store; the dataset without its item list.
         args = (ray.put(loaded), meta, replace(ds, items=()), ray.put(tuple(items)), threads,
-                batch_size)  # fmt: skip
+                batch)  # fmt: skip
         self.slots = [self._start(ray, cls, args) for _ in range(n)]
         self._check(ray, self.slots, ds)
+        self._plans(on_plan)
         # Blocks end at the check points: a run's statistics at each one never depend on the
         # engine. A block's result (a few MB of sums) is small next to its forward passes.
         size = meta.check_every or CHECK_EVERY
@@ -286,7 +311,7 @@ class RayEngine:
                 position = counted.end
                 yield counted
                 continue
-            self._submit(pending, refs, size, len(items), batch_size, strict)
+            self._submit(pending, refs, size, len(items), strict)
             ready = self._wait(ray, list(refs))
             for ref in ready:
                 s, slot = refs.pop(ref)
@@ -335,7 +360,7 @@ class RayEngine:
 
     def _submit(
         self, pending: list[int], refs: dict[Any, tuple[int, _Slot]], size: int, n_items: int,
-        batch_size: int, strict: bool,
+        strict: bool,
     ) -> None:  # fmt: skip
         """Queue pending blocks on the least busy workers, so blocks spread over all of them."""
         while pending:
@@ -345,7 +370,7 @@ class RayEngine:
             slot = min(free, key=lambda x: x.inflight)
             s = pending.pop()
             end = min((s // size + 1) * size, n_items)  # the next check point
-            ref = slot.handle.block.remote(s, end, batch_size, strict)
+            ref = slot.handle.block.remote(s, end, strict)
             refs[ref] = (s, slot)
             slot.inflight += 1
 
@@ -406,6 +431,16 @@ class RayEngine:
                     "must see the dataset at the same path (shared file system)"
                 )
 
+    def _plans(self, on_plan: Callable[[BatchPlan], None] | None) -> None:
+        """Each worker's batch (a line per worker to ``report``), and the smallest to
+        ``on_plan``: a resume runs every worker at the batch the stats file records."""
+        plans: list[BatchPlan] = [slot.where["plan"] for slot in self.slots]
+        if self.report:
+            for k, (slot, plan) in enumerate(zip(self.slots, plans)):
+                self.report(f"ray worker {k} on node {slot.where['node_ip']}: {plan.describe()}")
+        if on_plan is not None:
+            on_plan(min(plans, key=lambda p: (p.batch, -p.peak)))
+
     def _replace(self, ray: Any, cls: Any, args: tuple[Any, ...], slot: _Slot, ds: Dataset) -> None:
         """Swap a worker Ray gave up on for a fresh one."""
         with contextlib.suppress(Exception):
@@ -422,7 +457,8 @@ class RayEngine:
             self.summary.append(
                 f"ray worker {k}: node {s.where.get('node_ip', '?')} actor "
                 f"{str(s.where.get('actor_id', '?'))[:12]} pid(s) "
-                f"{','.join(map(str, sorted(s.pids))) or '-'}: {s.images} images, "
+                f"{','.join(map(str, sorted(s.pids))) or '-'}: batch "
+                f"{s.where['plan'].batch if 'plan' in s.where else '?'}, {s.images} images, "
                 f"{rate:.1f} img/s, {s.skipped} skipped"
             )
         self.summary.append(

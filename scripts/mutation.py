@@ -1,0 +1,186 @@
+"""The mutation study (docs/testing.md): mutmut mutates the pure core and verify's judging code,
+module by module, runs the fast lane against each mutant and prints the kill rate per module.
+
+    .venv/bin/python scripts/mutation.py                     # every module: about an hour on 2 cores
+    .venv/bin/python scripts/mutation.py rescale verdicts    # some modules
+    .venv/bin/python scripts/mutation.py --table             # the results so far
+    .venv/bin/python scripts/mutation.py --table --survivors # ... and every survivor's diff
+
+Not part of CI. mutmut's settings (which files, which tests) are ``[tool.mutmut]`` in
+pyproject.toml. Each run first copies the package, tests, fixtures, scripts and docs into
+``mutants/study/`` (git ignores ``mutants/``), so that the study sees one state of the tree
+while it runs, and mutmut works in that copy (``mutants/study/mutants/``). Fast-lane tests that
+already fail on the unmutated copy are left out and named. Each module's result is kept in
+``mutants/results/<module>.json``. A mutant counts as killed when a test failed or the tests ran
+out of time; ``EQUIVALENT`` lists the survivors no test can kill, each with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = ROOT / "mutants" / "study"
+RESULTS = ROOT / "mutants" / "results"
+COPIED = ("vggnorm", "tests", "fixtures", "scripts", "docs", ".ci", "pyproject.toml", "README.md",
+          "LICENSE")  # fmt: skip
+#: The modules studied, in the order they run (torch_layouts last: it changes most often).
+MODULES = ("rescale", "stats", "precision", "statsrecord", "weightset", "compare", "verdicts",
+           "torch_layouts")  # fmt: skip
+#: mutmut's exit codes (mutmut/stats.py): what a mutant's test run ended with.
+STATUS = {"1": "killed", "3": "killed", "0": "survived", "5": "no tests", "33": "no tests",
+          "34": "skipped", "36": "timeout", "24": "timeout", "-24": "timeout", "152": "timeout",
+          "255": "timeout", "37": "type check", "-11": "segfault", "-9": "segfault",
+          "None": "not run"}  # fmt: skip
+KILLED = ("killed", "timeout")
+#: Surviving mutants no test can kill, and why (docs/testing.md lists them): the mutated code
+#: computes the same result on every input the function accepts.
+EQUIVALENT: dict[str, str] = {
+    "vggnorm.core.stats.xǁLayerStatsǁof__mutmut_12":
+        "reshape(-2, C) for reshape(-1, C): numpy takes any negative size as the one to infer",
+    "vggnorm.core.stats.xǁLayerStatsǁof__mutmut_30":
+        "`if positions or True`: without position axes, a.mean(axis=()) is a itself",
+}
+
+
+def _mutmut() -> str:
+    script = Path(sys.executable).parent / "mutmut"
+    found = str(script) if script.exists() else shutil.which("mutmut")
+    if found is None:
+        raise SystemExit("mutmut is not installed: pip install mutmut")
+    return found
+
+
+def snapshot() -> None:
+    """A fresh copy of what the tests need, in :data:`STUDY`."""
+    shutil.rmtree(STUDY, ignore_errors=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, STUDY / name, ignore=skip)
+        elif src.is_file():
+            STUDY.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, STUDY / name)
+
+
+def failing_tests() -> list[str]:
+    """The fast-lane tests (mutmut's selection) that fail on the unmutated copy."""
+    config = tomllib.loads((STUDY / "pyproject.toml").read_text(encoding="utf8"))["tool"]["mutmut"]
+    argv = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider",
+            *config.get("pytest_add_cli_args_test_selection", [])]  # fmt: skip
+    out = subprocess.run(argv, cwd=STUDY, capture_output=True, text=True, check=False).stdout
+    return sorted(set(re.findall(r"^FAILED (\S+)", out, re.M)))
+
+
+def run_module(module: str, jobs: int, deselected: list[str]) -> float:
+    """mutmut on one module in :data:`STUDY`; its statuses saved under :data:`RESULTS`."""
+    t0 = time.monotonic()
+    env = {**os.environ, "PYTEST_ADDOPTS": " ".join(shlex.quote(f"--deselect={t}")
+                                                    for t in deselected)}  # fmt: skip
+    subprocess.run([_mutmut(), "run", "--max-children", str(jobs), f"vggnorm.core.{module}.*"],
+                   cwd=STUDY, env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    seconds = time.monotonic() - t0
+    meta = STUDY / "mutants" / "vggnorm" / "core" / f"{module}.py.meta"
+    codes = json.loads(meta.read_text(encoding="utf8"))["exit_code_by_key"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{module}.json").write_text(json.dumps({
+        "statuses": {name: STATUS.get(str(code), "suspicious") for name, code in codes.items()},
+        "seconds": seconds, "jobs": jobs, "deselected": deselected,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }, indent=1, sort_keys=True) + "\n", encoding="utf8")  # fmt: skip
+    return seconds
+
+
+def _result(module: str) -> dict[str, object] | None:
+    path = RESULTS / f"{module}.json"
+    return json.loads(path.read_text(encoding="utf8")) if path.is_file() else None
+
+
+def survivors(module: str) -> list[str]:
+    result = _result(module)
+    statuses: dict[str, str] = result["statuses"] if result else {}  # type: ignore[assignment]
+    return sorted(n for n, s in statuses.items() if s not in (*KILLED, "not run"))
+
+
+def table(modules: tuple[str, ...]) -> list[str]:
+    """The kill-rate table (Markdown), then how many survivors are not explained."""
+    lines = ["| module | killed/total | kill rate | survived | equivalent | no tests | time |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    unexplained = 0
+    for module in modules:
+        result = _result(module)
+        if result is None:
+            lines.append(f"| `core/{module}.py` | not run | | | | | |")
+            continue
+        counts = Counter(result["statuses"].values())  # type: ignore[attr-defined]
+        total, killed = sum(counts.values()), sum(counts[s] for s in KILLED)
+        left = survivors(module)
+        equivalent = sum(1 for n in left if n in EQUIVALENT)
+        unexplained += len(left) - equivalent
+        lines.append(f"| `core/{module}.py` | {killed}/{total} | {killed / max(total, 1):.1%} "
+                     f"| {counts['survived']} | {equivalent} | {counts['no tests']} "
+                     f"| {float(result['seconds']) / 60:.0f} min |")  # type: ignore[arg-type]  # fmt: skip
+    if unexplained:
+        lines += ["", f"{unexplained} survivor(s) neither killed nor listed as equivalent "
+                  "(--survivors shows them)"]  # fmt: skip
+    return lines
+
+
+def show_survivors(modules: tuple[str, ...]) -> None:
+    """Print the diff of every surviving mutant (``mutmut show``) and its reason if known."""
+    for module in modules:
+        for name in survivors(module):
+            shown = subprocess.run([_mutmut(), "show", name], cwd=STUDY, capture_output=True,
+                                   text=True, check=False).stdout  # fmt: skip
+            print(f"{shown.rstrip()}\n# equivalent: {EQUIVALENT.get(name, 'NOT EXPLAINED')}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help=f"modules of vggnorm/core (default: all: {', '.join(MODULES)})")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="mutants tested at once (default: the CPU count)")  # fmt: skip
+    parser.add_argument("--table", action="store_true", help="only print the results so far")
+    parser.add_argument("--survivors", action="store_true", help="print every survivor's diff")
+    args = parser.parse_args()
+    unknown = sorted(set(args.modules) - set(MODULES))
+    if unknown:
+        parser.error(f"not studied: {', '.join(unknown)}; choose from {', '.join(MODULES)}")
+    modules = tuple(args.modules) or MODULES
+    if not args.table:
+        t0 = time.monotonic()
+        snapshot()
+        deselected = failing_tests()
+        for test in deselected:
+            print(f"left out (fails unmutated): {test}", flush=True)
+        for module in modules:
+            print(f"core/{module}.py: {run_module(module, args.jobs, deselected) / 60:.1f} min",
+                  flush=True)  # fmt: skip
+        print(f"study: {(time.monotonic() - t0) / 60:.1f} min, {args.jobs} at once, on "
+              f"{os.cpu_count()} CPUs ({platform.machine()})")  # fmt: skip
+    print("\n".join(table(MODULES if not args.modules else modules)))
+    if args.survivors:
+        show_survivors(modules)
+
+
+if __name__ == "__main__":
+    main()
