@@ -34,15 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the fixtures pac
 
 import benchlib as bl
 
-# Reports the peak RSS of its child alone (see bench_memory.py for why a launcher).
-_LAUNCHER = """
-import resource, subprocess, sys
-rc = subprocess.call(sys.argv[2:])
-with open(sys.argv[1], "w") as f:
-    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
-sys.exit(rc)
-"""
-
 
 def fixed_part(spec: dict[str, Any]) -> None:
     """In a fresh process: the resident memory after the imports, and after building the stats
@@ -117,8 +108,7 @@ def measure(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         spec = {**spec, "limit": _limit(spec, work)}
     rss = work / "maxrss"
     env = {**os.environ, "PYTHONPATH": str(bl.REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    cmd = [sys.executable, "-c", _LAUNCHER, str(rss), sys.executable, __file__, "--child",
-           json.dumps(spec)]  # fmt: skip
+    cmd = bl.peak_rss_command(rss, [sys.executable, __file__, "--child", json.dumps(spec)])
     done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise SystemExit(f"{spec} failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -28,18 +28,6 @@ import benchlib as bl
 
 from fixtures.photos import write_coco_like_jpegs
 
-# Linux starts a forked child's ru_maxrss at its parent's RSS (the copied page tables, and on exec
-# the old address space's high-water mark), so a child of this multi-GB process would report this
-# process's size. A small launcher, exec'd afresh, runs the command and reports RUSAGE_CHILDREN:
-# the peak of the command alone (plus the launcher's few MB at fork time).
-_LAUNCHER = """
-import resource, subprocess, sys
-rc = subprocess.call(sys.argv[2:])
-with open(sys.argv[1], "w") as f:
-    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
-sys.exit(rc)
-"""
-
 
 def peak_rss(cmd: Sequence[str], cwd: Path, log: Path) -> dict[str, Any]:
     """Run ``cmd``; its peak RSS in MiB (ru_maxrss, RUSAGE_CHILDREN of a small launcher)."""
@@ -49,7 +37,7 @@ def peak_rss(cmd: Sequence[str], cwd: Path, log: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     with log.open("w") as f:
         done = subprocess.run(
-            [sys.executable, "-c", _LAUNCHER, str(rss), *cmd],
+            bl.peak_rss_command(rss, cmd),
             cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False,
         )  # fmt: skip
     wall = time.perf_counter() - t0

@@ -51,6 +51,24 @@ Means = dict[str, np.ndarray]  # conv name -> per-filter means, network order
 # command line and work folder
 
 
+# Linux starts a forked child's ru_maxrss at its parent's RSS (the copied page tables, and on exec
+# the old address space's high-water mark), so a child of this multi-GB process would report this
+# process's size. A small launcher, exec'd afresh, runs the command and reports RUSAGE_CHILDREN:
+# the peak of the command alone (plus the launcher's few MB at fork time).
+LAUNCHER = """
+import resource, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(rc)
+"""
+
+
+def peak_rss_command(rss: Path, cmd: Sequence[str]) -> list[str]:
+    """``cmd`` run through :data:`LAUNCHER`, which writes its peak RSS (KiB) to ``rss``."""
+    return [sys.executable, "-c", LAUNCHER, str(rss), *cmd]
+
+
 def parser(
     description: str, *, images: int = 600, quick_images: int = 56, size: int = 224
 ) -> argparse.ArgumentParser:

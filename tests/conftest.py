@@ -23,9 +23,14 @@ def pytest_configure(config: object) -> None:
     """Guarded reads of .pth, .mat and .onnx files import torch, scipy.io and onnx in each child
     unless the fork server preloaded them (done when the first guarded read starts it): let the
     server of this session preload those that are installed, once (a missing one is skipped)."""
+    import os
+
     from vggnorm.formats import _guard
 
     _guard._context(("torch", "scipy.io", "onnx"))
+    # Start the server now, not inside the first test that reads a file: its start (loading
+    # torch) would count against that test's deadlines, or meet its Ctrl-C.
+    _guard.run_guarded(os.getpid, what="the fork server's start", timeout=120)
 
 
 _RAY_TMPDIR: list[str] = []

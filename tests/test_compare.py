@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,12 +12,17 @@ from hypothesis import strategies as st
 
 from vggnorm.core.archs import VGG19
 from vggnorm.core.compare import (
+    IntervalAgreement,
+    ScalesVsMeans,
     _column_median,
     compare_weights,
     compare_with_means,
     ratio_tolerance,
+    scales_in_intervals,
 )
+from vggnorm.core.precision import FilterPrecision, filter_precision
 from vggnorm.core.rescale import Scales, compute_scales, rescale
+from vggnorm.core.stats import ImageMoments, LayerStats
 from vggnorm.core.torch_layouts import compensate_head
 
 WIDTHS = (3, 8, 16, 16, 32)
@@ -171,3 +177,85 @@ def test_column_median_equals_nanmedian(rows: int, nan_per_column: int, seed: in
         [np.median(values[~np.isnan(values[:, j]), j]) if counts[j] else 1.0 for j in range(4)]
     )
     assert np.array_equal(_column_median(values, counts), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare --stats: implied scales against measured means and their intervals, exactly
+
+
+def test_compare_with_means_figures_exactly() -> None:
+    # ratios scale / mean 1, 2, 3, 4, 5: median 3, quartiles 2 and 4 (numpy's linear rule)
+    means = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    out = compare_with_means({"c": means * [1, 2, 3, 4, 5]}, {"c": means})["c"]
+    assert (out.median_ratio, out.iqr_ratio, out.n_filters) == (3.0, 2.0, 5)
+    assert out.to_dict() == {"median_ratio": 3.0, "iqr_ratio": 2.0,
+                             "log_correlation": out.log_correlation, "n_filters": 5}  # fmt: skip
+    # two filters are enough for a correlation; its sign is kept
+    two = compare_with_means({"c": [2.0, 1.0]}, {"c": [1.0, 2.0]})["c"]
+    assert two.log_correlation == pytest.approx(-1.0, abs=1e-12)
+
+
+def test_compare_with_means_leaves_out_what_has_no_ratio() -> None:
+    from vggnorm.core.rescale import DEAD_THRESHOLD
+
+    # a mean at the dead threshold, a zero scale, a non-finite scale: three filters left out
+    out = compare_with_means({"c": [5.0, 0.0, np.inf, 2.0, 6.0]},
+                             {"c": [DEAD_THRESHOLD, 1.0, 1.0, 1.0, 2.0]})["c"]  # fmt: skip
+    assert (out.n_filters, out.median_ratio) == (2, 2.5)
+    # layers only one side knows are skipped, the others still compared
+    both = compare_with_means({"x": [1.0], "dead": [1.0, 1.0], "c": [2.0]},
+                              {"dead": [0.0, 0.0], "c": [1.0]})  # fmt: skip
+    assert list(both) == ["dead", "c"] and both["c"].median_ratio == 2.0
+    assert both["dead"] == ScalesVsMeans(None, None, None, 0)
+
+
+@pytest.mark.parametrize(("scales", "means"), [
+    ([3.0], [1.0]),  # one filter
+    ([2.0, 2.0], [1.0, 3.0]),  # scales all equal
+    ([1.0, 3.0], [2.0, 2.0]),  # means all equal
+])  # fmt: skip
+def test_no_correlation_without_spread(scales: list[float], means: list[float]) -> None:
+    assert compare_with_means({"c": scales}, {"c": means})["c"].log_correlation is None
+
+
+def test_compare_with_means_of_float32_arrays_works_in_float64() -> None:
+    scales = np.array([0.1, 0.7, 0.3, 1.3], np.float32)
+    means = np.array([0.3, 0.9, 1.1, 0.2], np.float32)
+    out = compare_with_means({"c": scales}, {"c": means})["c"]
+    s64, m64 = scales.astype(np.float64), means.astype(np.float64)
+    assert out.median_ratio == float(np.median(s64 / m64))
+    assert out.log_correlation == float(np.corrcoef(np.log(s64), np.log(m64))[0, 1])
+
+
+def _precision() -> FilterPrecision:
+    # three images; per-image means of seven filters: f0 mean 2 (se 1/sqrt 3), f1 constant
+    # (se 0), f2 dead, f3 dead with some spread, f4 mean 4 (se 2/sqrt 3), f5 mean 11, f6 mean 4
+    im = ImageMoments.of(np.array([[1.0, 1.0, 0.0, 0.0, 2.0, 10.0, 3.0],
+                                   [2.0, 1.0, 0.0, 0.0, 4.0, 11.0, 4.0],
+                                   [3.0, 1.0, 0.0, 2.4e-8, 6.0, 12.0, 5.0]]))  # fmt: skip
+    fp = filter_precision(LayerStats("c", im.sum, im.sumsq, 3, im))
+    assert fp is not None and fp.live.tolist() == [True, True, False, False, True, True, True]
+    return fp
+
+
+def test_scales_in_intervals_counts_live_filters_with_a_spread() -> None:
+    fp = _precision()
+    # f0 inside, f1 no spread, f2/f3 dead, f4 above its interval, f5 inside, f6 zero scale
+    got = scales_in_intervals({"x": [1.0], "c": [0.5, 1.0, 5.0, 1.0, 20.0, 9.0, 0.0],
+                               "e": [1.0] * 7}, {"c": fp, "e": replace(fp, live=fp.live & False)})  # fmt: skip
+    assert list(got) == ["c", "e"]
+    c = got["c"]
+    assert (c.within, c.live) == (2, 3)  # f0, f4, f5 compared; f0 and f5 inside
+    # |scale - mean| / se: 1.5 sqrt 3, 8 sqrt 3, 2 sqrt 3
+    assert c.median_z == pytest.approx(2 * np.sqrt(3), rel=1e-12)
+    assert got["e"] == IntervalAgreement(0, 0, None)
+    with pytest.raises(ValueError, match=r"^c: 2 scales but 7 means$"):
+        scales_in_intervals({"c": [1.0, 2.0]}, {"c": fp})
+
+
+def test_an_interval_holds_its_ends() -> None:
+    fp = _precision()
+    lo, hi = fp.interval
+    at_ends = np.where(lo > 0, lo, hi)  # f5's lower end, the upper end of the others
+    got = scales_in_intervals({"c": at_ends}, {"c": fp})["c"]
+    assert (got.within, got.live) == (4, 4)  # f0, f4, f5, f6

@@ -18,7 +18,7 @@ from vggnorm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, main
 from vggnorm.formats.statsfile import read_stats
 
 pytestmark = pytest.mark.keras
-N_IMAGES = 14
+N_IMAGES = 30  # at one image a batch: the run lasts well past the checkpoint a test waits for
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,13 @@ def _wait_for_checkpoint(out: Path, proc: subprocess.Popen[bytes], at_least: int
             if position >= at_least:
                 return position
         time.sleep(0.05)
-    pytest.fail(f"no checkpoint with {at_least}+ images appeared (exit {proc.poll()})")
+    code = proc.poll()
+    proc.kill()
+    proc.communicate(timeout=60)
+    pytest.fail(f"no checkpoint with {at_least}+ images appeared (exit {code})")
 
 
-@pytest.mark.parametrize("at_least", [2, 9])
+@pytest.mark.parametrize("at_least", [2, 9])  # early, and in the middle of the run
 def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(
     setup: tuple[Path, Path], tmp_path: Path, at_least: int
 ) -> None:
@@ -77,6 +80,7 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(
     out = tmp_path / "killed.h5"
     proc = _start(_argv(setup, out), tmp_path)
     saved = _wait_for_checkpoint(out, proc, at_least)
+    assert proc.poll() is None, "the run ended before the kill"
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)  # also closes the pipes
     partial = read_stats(out)  # whatever was on disk at the kill is a complete, readable file
@@ -91,6 +95,7 @@ def test_sigterm_saves_progress_and_says_how_to_resume(
     out = tmp_path / "term.h5"
     proc = _start(_argv(setup, out), tmp_path)
     _wait_for_checkpoint(out, proc, 3)
+    assert proc.poll() is None, "the run ended before the signal"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED

@@ -19,17 +19,22 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from scipy import special as sps_special
 from scipy import stats as sps
 
 from fixtures.photos import write_photos
 from vggnorm.core.errors import StatsError
 from vggnorm.core.inputs import Decode
 from vggnorm.core.precision import (
+    LayerPrecision,
+    betainc,
     filter_precision,
     layer_precision,
     precision_table,
+    t_cdf,
     t_quantile,
     target_reached,
+    worst_quantile,
 )
 from vggnorm.core.stats import ImageMoments, LayerStats, merge_stats
 from vggnorm.core.statsrecord import StatsMeta, StatsRecord
@@ -57,6 +62,63 @@ def test_t_quantile_matches_scipy(df: int, p: float) -> None:
     # (continued fraction to 1e-15, lgamma differences without cancellation): at these tail
     # probabilities the density is >= 0.002, so the quantile is good to well under 1e-11.
     assert t_quantile(p, df) == pytest.approx(sps.t.ppf(p, df), rel=1e-11, abs=0)
+
+
+# betainc in both of its continued fractions (x below and above (a + 1) / (a + b + 2)), on both
+# sides of the switch to Stirling's series (a >= 20), and with an argument of 1e9, where
+# lgamma(a + b) - lgamma(a) taken directly would cancel (lgamma(1e9) ~ 2e10 rounds to 4e-6).
+# Against scipy, relative to the smaller tail min(I, 1 - I): the continued fractions stop at 1e-15
+# per term, and the series is cut after its z^-5 term, whose successor 1/(1680 z^7) is 5e-13 at
+# the switch (z = 20): 1e-12 covers both.
+BETAINC_CASES = [(2.0, 3.0, 0.3), (2.0, 3.0, 0.8), (5.0, 0.5, 0.95), (20.0, 20.0, 0.4),
+                 (20.0, 0.5, 0.97), (25.0, 30.0, 0.5), (40.0, 3.0, 0.9), (1e9, 0.5, 1 - 1e-9),
+                 (0.5, 2e9, 1e-10)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("a", "b", "x"), BETAINC_CASES)
+def test_betainc_matches_scipy(a: float, b: float, x: float) -> None:
+    ref = float(sps_special.betainc(a, b, x))
+    assert abs(betainc(a, b, x) - ref) <= 1e-12 * min(ref, 1 - ref)
+
+
+def test_betainc_at_and_beyond_its_ends() -> None:
+    assert betainc(2.0, 3.0, 0.0) == 0.0 and betainc(2.0, 3.0, -0.5) == 0.0
+    assert betainc(2.0, 3.0, 1.0) == 1.0 and betainc(2.0, 3.0, 1.5) == 1.0
+
+
+@pytest.mark.parametrize("df", [1, 3, 10, 40, 200])
+def test_t_cdf_matches_scipy_on_both_sides(df: int) -> None:
+    # small |t| reach betainc's second continued fraction, negative t the lower tail; the same
+    # bound as betainc's, relative to the smaller tail
+    for t in (-3.0, -0.3, 0.05, 0.3, 0.7, 1.5, 3.0):
+        ref = float(sps.t.cdf(t, df))
+        assert abs(t_cdf(t, df) - ref) <= 1e-12 * min(ref, 1 - ref), t
+    assert t_cdf(0.0, df) == 0.5
+
+
+def test_t_quantile_below_the_median_and_at_it() -> None:
+    for df in (1, 10, 127):
+        assert t_quantile(0.025, df) == -t_quantile(0.975, df)
+        assert t_quantile(0.6, df) == pytest.approx(sps.t.ppf(0.6, df), rel=1e-11, abs=0)
+    # the bisection halves [0, 1] 200 times towards 0: 2**-201
+    assert 0.0 <= t_quantile(0.5, 5) <= 2.0**-200
+
+
+@pytest.mark.parametrize(("p", "df"), [(0.0, 5.0), (1.0, 5.0), (0.5, 0.0)])
+def test_t_quantile_refuses_what_has_no_quantile(p: float, df: float) -> None:
+    with pytest.raises(ValueError, match=rf"^need 0 < p < 1 and df > 0, got p={p}, df={df}$"):
+        t_quantile(p, df)
+
+
+def test_layer_figures_and_their_json() -> None:
+    lp = layer_precision(_layer(np.array([[1.0, 2.0, 0.0], [3.0, 2.5, 0.0]])))
+    assert lp is not None
+    assert lp.to_dict() == {"name": "c", "images": 2, "live": 2, "dead": 1, "near_dead": 0,
+                            "median": lp.median, "p99": lp.p99, "worst": lp.worst}  # fmt: skip
+    assert lp.quantile(1.0) == lp.worst == float(lp.half_widths.max())
+    empty = LayerPrecision("c", 2, 0, 3, 0, 0.0, 0.0, 0.0, np.zeros(0))
+    assert empty.quantile(0.5) == 0.0 and worst_quantile([empty], 0.5) == 0.0
+    assert worst_quantile([], 0.5) == 0.0
 
 
 def test_filter_precision_equals_an_independent_float64_computation() -> None:
@@ -127,6 +189,7 @@ def test_target_needs_the_minimum_number_of_images() -> None:
     reached, figure = target_reached([layer], 0.01, 0.9, 30)
     assert reached and figure is not None and figure < 0.01
     assert target_reached([layer], 0.01, 0.9, 31) == (False, figure)
+    assert target_reached([layer], figure, 0.9, 30)[0]  # at the target: reached
     assert target_reached([layer], figure / 2, 0.9, 2)[0] is False
 
 

@@ -23,8 +23,9 @@ from vggnorm.core.losses import (
     spread_table,
     style_loss,
 )
+from vggnorm.core.precision import NEAR_DEAD_FRACTION
 from vggnorm.core.stats import LayerStats
-from vggnorm.core.statsrecord import NEAR_DEAD_FRACTION, StatsMeta, StatsRecord, layer_summary
+from vggnorm.core.statsrecord import StatsMeta, StatsRecord, layer_summary
 from vggnorm.core.verdicts import FUNCTION_TOL
 
 SIZE = 32

@@ -692,7 +692,7 @@ def _engine(args: argparse.Namespace) -> Any:
 
     address = None if args.ray == "local" else args.ray
     return RayEngine(address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
-                     batch_size=args.batch_size, report=lambda line: _say(args, line))  # fmt: skip
+                     report=lambda line: _say(args, line))  # fmt: skip
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -863,6 +863,8 @@ _FIXES = {
     "ray": "run it on several workers with --ray instead",
     "preprocess": "pass --preprocess caffe, torch, unit or rgb255",
     "memory": "lower --max-memory or --batch-size",
+    "export": "`vggnorm export` converts between formats",
+    "gather": "run `vggnorm stats` first, or pass --stats PATH",
 }
 
 

@@ -9,15 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..core.errors import StatsError, WeightFileError
 from ..core.rescale import DEAD_THRESHOLD, Scales
 from ..core.scaling import check_fingerprint, rescale_bound, scales_for
 from ..core.statsrecord import StatsRecord
 from ..core.topology import Bound, Loaded
-from ..formats.outputs import check_output, output_lock
-from ..formats.registry import load, write_weights
+from ..formats.outputs import output_lock
+from ..formats.registry import check_target, load, write_weights
 from ..formats.statsfile import read_stats
 from ._common import file_record, provenance
 
@@ -83,7 +81,7 @@ def normalize(
     """
     out = Path(dst)
     with output_lock(out):
-        check_output(out, force=force, inputs=[Path(src)], error=WeightFileError)
+        check_target(src, out, force)  # the output's format, place and space: before any work
         loaded = load(src, model)
         if loaded.weights.file.provenance is not None:
             raise WeightFileError(
@@ -112,9 +110,6 @@ def _write(
         raise StatsError(f"{where}{e}", fix=e.fix) from e
     new = rescale_bound(loaded.arrays, loaded.bound, scales)
     changed = {k: v for k, v in new.items() if v is not loaded.arrays[k]}
-    for key, value in changed.items():
-        if not np.all(np.isfinite(value)):  # cannot happen with finite positive scales; be sure
-            raise WeightFileError(f"rescaling {key} produced non-finite values; nothing written")
     prov = _provenance(loaded, stats, record, scales, dead_threshold)
     extra = {f"scales/{i:02d}_{n}": scales.values[n] for i, n in enumerate(loaded.bound.conv_names)}
     dropped = write_weights(loaded.weights.file, out, changed, provenance=prov, extra=extra,
@@ -140,7 +135,6 @@ def _provenance(
     # a record knows the file it came from (collect_stats's output, read_stats's input), if any
     path = stats.path if isinstance(stats, StatsRecord) else stats
     stats_file = file_record(path) if path is not None and Path(path).is_file() else None
-    head = loaded.bound.arch.head
     meta = record.meta
     where = _SCALES_STORED.get(loaded.weights.file.format, "vggnorm/scales/<NN>_<layer>")
     return provenance(
@@ -157,7 +151,7 @@ def _provenance(
         },
         architecture=loaded.bound.source,
         conv_layers=list(loaded.bound.conv_names),
-        head_dense=head.dense[0].name if head and head.dense else None,
+        head_dense=loaded.bound.arch.first_dense,
         dead_threshold=dead_threshold,
         dead_filters={k: v.tolist() for k, v in scales.dead.items() if len(v)},
         scales=f"{where}: float64 divisor of each filter (dead: 1)",

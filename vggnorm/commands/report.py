@@ -149,7 +149,7 @@ def report_dict(
             "dead_threshold": dead_threshold,
             "near_dead_fraction": NEAR_DEAD_FRACTION,
             "layers": layer_summary(record, dead_threshold),
-            "intervals": record.to_dict()["intervals"],
+            "intervals": record.intervals(),
             "style": dict(style) if style is not None else None,
         }
     )

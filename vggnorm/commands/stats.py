@@ -46,14 +46,16 @@ class StatsOptions:
             ``annotations/``).
         split: which COCO split when several exist.
         decode: image size, resize policy and JPEG draft decoding (default: 224, crop).
-        preprocess: ``caffe`` (keras.applications VGG), ``unit`` or ``torch``; default: the
-            weight file's layout's own (``torch`` for torchvision files, else ``caffe``).
+        preprocess: ``caffe`` (keras.applications VGG), ``unit``, ``torch`` or ``rgb255``;
+            default: the weight file's layout's own (``torch`` for torchvision files, ``rgb255``
+            for torchvision's features-only ImageNet file, else ``caffe``; ONNX files say none).
         padding: ``zero`` or ``reflect`` borders for every conv; default: the layout's own
             (``reflect`` for AdaIN files, else ``zero``).
         pooling: ``max`` or ``avg`` for every pooling layer (Gatys et al. synthesise images
             with average pooling; the means after a pooling layer depend on it); default: the
             file's own.
-        precision: ``fp32`` or ``bf16`` (activations in bfloat16, reductions in float32).
+        precision: ``fp32`` or ``bf16`` (activations in bfloat16, each image row summed in
+            bfloat16, everything beyond in float64).
         batch_size: images per forward pass, or ``"auto"``: the most whose estimated peak fits
             ``max_memory``, at most 16 (:mod:`vggnorm.core.memory`); a resumed run keeps the
             batch it started with unless given a number. Statistics do not depend on it beyond
@@ -281,7 +283,8 @@ class _Run:
         """Measure the rest of the selection after ``start``, checkpointing; the final record."""
         from ..runtime.network import backend_description
 
-        self.meta = replace(start.meta, backend=backend_description())
+        self.engine, self.backend = engine, backend_description()
+        self.meta = start.meta
         self.total = Counted(start.layers, start.images, start.skipped, start.meta.position)
         batching = batching_for(self.opts.batch_size, self.opts.max_memory, start.meta.batch_size)
         counts = engine(self.loaded, self.ds, self.items, self.meta, batching, self.total.end,
@@ -313,7 +316,8 @@ class _Run:
             except VggnormError as e:  # a failed engine (a lost cluster): keep what was counted
                 raise self._failed(e) from e
             self.total = total = self.total.plus(counted)
-            if self._is_check_point(total.end):
+            watched = self.meta.target_error is not None or self.progress is not None
+            if watched and self._is_check_point(total.end):  # the precision only when wanted
                 reached, precision = self._check(total)
                 if reached:
                     return True
@@ -351,7 +355,10 @@ class _Run:
         return type(error)(f"{error}; progress saved to {self.out}", fix=fix)
 
     def _save(self, total: Counted, complete: bool) -> StatsRecord:
-        meta = replace(self.meta, position=total.end, complete=complete, updated=now())
+        # where it ran: Keras's backend, and the engine (Ray names its version and workers)
+        backend = f"{self.backend}; {self.engine.description}"
+        meta = replace(self.meta, position=total.end, complete=complete, updated=now(),
+                       backend=backend)  # fmt: skip
         record = StatsRecord(meta, total.layers, total.images, total.skipped)
         if self.out:
             write_stats(self.out, record)

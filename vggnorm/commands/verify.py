@@ -12,7 +12,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,11 +28,11 @@ from ..core.verdicts import (
     FUNCTION_TOL,
     MEANS_TOL,
     HeldOutCheck,
+    OutputComparison,
     VerifyReport,
     function_errors,
     judge_held_out,
     judge_layer,
-    judge_predictions,
     logits_arch,
 )
 from ..formats.registry import load
@@ -166,7 +165,8 @@ def _held_out(
         items = tuple(i for i in ds.items if i not in used)
     else:
         ds = open_dataset(opts.held_out)  # type: ignore[arg-type]
-        used = set(inputs.record.images) if ds.root.resolve() == Path(meta.dataset_root) else set()
+        same = ds.root.resolve() == inputs.ds.root.resolve()  # the stats' images, wherever now
+        used = set(inputs.record.images) if same else set()
         items = tuple(i for i in ds.items if i not in used)
     if not items:
         raise DatasetError(f"no held-out image: every image of {ds.describe()} was counted")
@@ -178,8 +178,8 @@ def _held_out(
 
 
 def _precision(record: StatsRecord) -> tuple[dict[str, Any], ...] | None:
-    table = record.precision()
-    return None if table is None else tuple(p.to_dict() for p in table)
+    rows = record.intervals()
+    return None if rows is None else tuple(rows)
 
 
 def _inputs(
@@ -295,14 +295,8 @@ def _check_head(
                    outputs="activations", with_head=True, peak=plan.peak)
         for x in (inputs.orig, inputs.norm)
     ]  # fmt: skip
-    max_abs, max_rel, agree, n = 0.0, 0.0, 0, 0
+    outputs = OutputComparison()
     for batch in iter_batches(inputs.ds, items, decode, plan.batch):
-        if not batch.items:
-            continue
-        pa, pb = (net.activations(batch.images)[-1] for net in nets)
-        diff = np.abs(pa - pb)
-        max_abs = max(max_abs, float(diff.max()))
-        max_rel = max(max_rel, float(diff.max() / max(float(np.abs(pa).max()), 1e-30)))
-        agree += int(np.sum(pa.argmax(-1) == pb.argmax(-1)))
-        n += len(batch.items)
-    return judge_predictions(max_abs, max_rel, agree, n)
+        if batch.items:
+            outputs.add(*(net.activations(batch.images)[-1] for net in nets))
+    return outputs.verdict()

@@ -435,8 +435,9 @@ class IntervalAgreement:
     Attributes:
         within: live filters whose scale lies inside the 95% interval of their measured mean.
         live: live filters compared (neither dead nor near-dead in the measurement).
-        median_z: median over them of ``|scale - mean| / SE``: about 0.67 when the scales are
-            the means of another sample of the same images' distribution; None without any.
+        median_z: median over them of ``|scale - mean| / SE``: about 0.95 (0.674 x sqrt(2))
+            when the scales are the means of another sample of the same size from the same
+            distribution, whose own error adds to SE's; None without any.
     """
 
     within: int

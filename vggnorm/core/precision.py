@@ -32,6 +32,24 @@ CONFIDENCE = 0.95
 NEAR_DEAD_FRACTION = 1e-3
 
 
+def classify(
+    means: npt.ArrayLike, dead_threshold: float = DEAD_THRESHOLD
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Which filters of a layer are dead (mean at or below ``dead_threshold``) and which are
+    near-dead (live, below ``NEAR_DEAD_FRACTION`` of the live filters' median mean): the one
+    definition every summary, figure and precision table uses.
+
+    Example:
+        >>> dead, near = classify([0.0, 1.0, 2.0, 1e-4])
+        >>> dead.tolist(), near.tolist()
+        ([True, False, False, False], [False, False, False, True])
+    """
+    m = np.asarray(means, dtype=np.float64)
+    dead = m <= dead_threshold
+    median = float(np.median(m[~dead])) if np.any(~dead) else 0.0
+    return dead, ~dead & (m < NEAR_DEAD_FRACTION * median)
+
+
 def _betacf(a: float, b: float, x: float) -> float:
     """The continued fraction of the regularized incomplete beta function (modified Lentz)."""
     tiny, eps = 1e-300, 1e-15
@@ -148,9 +166,7 @@ def filter_precision(ls: LayerStats, confidence: float = CONFIDENCE) -> FilterPr
     t = t_quantile(0.5 + confidence / 2.0, n - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         half = np.where(mean > 0, t * se / np.where(mean > 0, mean, 1.0), np.inf)
-    dead = mean <= DEAD_THRESHOLD
-    median = float(np.median(mean[~dead])) if np.any(~dead) else 0.0
-    near = ~dead & (mean < NEAR_DEAD_FRACTION * median)
+    dead, near = classify(mean)
     return FilterPrecision(ls.name, n, mean, se, half, ~dead & ~near, near, t)
 
 

@@ -41,7 +41,7 @@ def rescale_bound(
     """:func:`vggnorm.core.rescale.rescale` with everything the architecture says: the first
     Dense of the head and its flatten order, and the BatchNorms between convs and their ReLUs."""
     head = bound.arch.head
-    dense = head.dense[0].name if head is not None and head.dense else None
+    dense = bound.arch.first_dense
     return rescale(
         arrays,
         scales,

@@ -14,8 +14,7 @@ import numpy as np
 
 from .errors import StatsError
 from .inputs import Decode
-from .precision import NEAR_DEAD_FRACTION as NEAR_DEAD_FRACTION
-from .precision import LayerPrecision, precision_table
+from .precision import LayerPrecision, classify, precision_table
 from .rescale import DEAD_THRESHOLD
 from .stats import LayerStats, means
 
@@ -114,6 +113,11 @@ class StatsRecord:
         worst relative 95% half-width over live filters); None for a version-1 stats file."""
         return precision_table(self.layers)
 
+    def intervals(self) -> list[dict[str, Any]] | None:
+        """:meth:`precision` as JSON-ready rows (what ``--json``, reports and verify carry)."""
+        table = self.precision()
+        return None if table is None else [p.to_dict() for p in table]
+
     def with_meta(self, **changes: Any) -> StatsRecord:
         return replace(self, meta=replace(self.meta, **changes))
 
@@ -126,14 +130,13 @@ class StatsRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Settings, per-layer summary and skips, JSON-ready (the sums stay in the file)."""
-        table = self.precision()
         return {
             "meta": self.meta.to_dict(),
             "images": self.n_images,
             "skipped": self.skip_counts(),
             "layers": layer_summary(self),
             # per layer, the 95% interval half-widths of the filters' means (None: unknown)
-            "intervals": None if table is None else [p.to_dict() for p in table],
+            "intervals": self.intervals(),
         }
 
 
@@ -175,8 +178,9 @@ def layer_summary(record: StatsRecord, dead_threshold: float = DEAD_THRESHOLD) -
         One dict per conv layer in network order: ``name``, ``filters``, ``dead`` and
         ``near_dead`` (counts), ``dead_filters`` and ``near_dead_filters`` (indices),
         ``mean_min``, ``mean_median``, ``mean_max`` (over all filters) and ``live_min`` (the
-        smallest live mean, None if every filter is dead). A near-dead filter is live with a mean
-        below ``NEAR_DEAD_FRACTION`` x the layer's median mean; dead filters are not counted again.
+        smallest live mean, None if every filter is dead). Dead and near-dead as
+        :func:`vggnorm.core.precision.classify` says (near-dead: live, below
+        ``NEAR_DEAD_FRACTION`` x the live filters' median mean).
 
     Raises:
         StatsError: a layer has no activation counted.
@@ -189,8 +193,7 @@ def _layer_row(s: LayerStats, dead_threshold: float) -> dict[str, Any]:
         raise StatsError(f"stats layer {s.name} counted no activation")
     m = s.mean
     median = float(np.median(m))
-    dead = m <= dead_threshold
-    near = ~dead & (m < NEAR_DEAD_FRACTION * median)
+    dead, near = classify(m, dead_threshold)
     live = m[~dead]
     return {
         "name": s.name,

@@ -2,9 +2,9 @@
 
 Weights-only files say little: layer names and shapes. A stock VGG16/VGG19 is recognised by its
 sequence of conv kernel shapes (13 or 16 convs of the published widths); the file's own layer
-names are then bound to the table in :mod:`vggnorm.archs` by position, so ``conv2d_7`` in a
+names are then bound to the table in :mod:`vggnorm.core.archs` by position, so ``conv2d_7`` in a
 ``.weights.h5`` works as well as ``block3_conv2``. Files with a model config (``.keras``, whole-model
-``.h5``) are described from that config by :mod:`vggnorm.keras_config`.
+``.h5``) are described from that config by :mod:`vggnorm.core.keras_config`.
 """
 
 from __future__ import annotations

@@ -126,6 +126,29 @@ def judge_layer(
     )  # fmt: skip
 
 
+@dataclass
+class OutputComparison:
+    """Two networks' outputs on the same images, batch by batch: the worst absolute and
+    relative (to the batch's largest output) differences and the top-1 agreement."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    agree: int = 0
+    images: int = 0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        """One batch: ``a`` the reference's outputs, ``b`` the other's, one row per image."""
+        diff = float(np.max(np.abs(a - b)))
+        self.max_abs = max(self.max_abs, diff)
+        self.max_rel = max(self.max_rel, diff / max(float(np.max(np.abs(a))), 1e-30))
+        rows_a, rows_b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+        self.agree += int(np.sum(rows_a.argmax(-1) == rows_b.argmax(-1)))
+        self.images += len(a)
+
+    def verdict(self) -> dict[str, float]:
+        return judge_predictions(self.max_abs, self.max_rel, self.agree, self.images)
+
+
 def judge_predictions(
     max_abs: float, max_rel: float, agree: int, n: int
 ) -> dict[str, float]:

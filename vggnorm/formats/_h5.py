@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 from ..core.errors import WeightFileError
 from ..core.keras_config import batchnorm_flags
 from ..core.weightset import Format, LayerEntry, WeightFile, roles_of
+from ._patch import Patch
 
 try:
     import h5py
@@ -30,21 +31,6 @@ except ImportError:  # pragma: no cover - h5py is a hard dependency; keep the me
 #: Root group that carries vggnorm's provenance in every file it writes.
 PROVENANCE_GROUP = "vggnorm"
 OPTIMIZER_GROUPS = ("optimizer_weights", "optimizer")
-
-
-@dataclass(frozen=True)
-class Patch:
-    """What a writer changes in a copy of a weight file.
-
-    Attributes:
-        arrays: replacement arrays keyed ``<layer>/<role>``; same shapes and dtypes as stored.
-        provenance: what produced the file (JSON-serialisable), stored with it.
-        extra: arrays kept beside the provenance (the scales used), by relative name.
-    """
-
-    arrays: Mapping[str, np.ndarray]
-    provenance: Mapping[str, Any]
-    extra: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def need_h5py() -> None:

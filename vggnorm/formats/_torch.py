@@ -34,13 +34,11 @@ from ..core.torch_layouts import (
     to_canonical,
 )
 from ..core.weightset import LayerEntry, WeightFile, WeightSet
-from ._h5 import Patch
+from . import _patch
+from ._patch import PROVENANCE_KEY, SCALES_KEY
 
 Container = Literal["safetensors", "pth"]
 
-#: Metadata keys vggnorm writes: its provenance (JSON) and the per-layer scales (JSON lists).
-PROVENANCE_KEY = "vggnorm.provenance"
-SCALES_KEY = "vggnorm.scales"
 
 @dataclass(frozen=True)
 class TorchWeights:
@@ -51,7 +49,7 @@ class TorchWeights:
         container: ``"safetensors"`` or ``"pth"``.
         layout: ``"torchvision"``, ``"gatys"`` or ``"adain"``.
         arch: ``"vgg16"`` or ``"vgg19"``.
-        arrays: canonical Keras-layout arrays (see :mod:`vggnorm.torch_layouts`), dtype as stored
+        arrays: canonical Keras-layout arrays (see :mod:`vggnorm.core.torch_layouts`), dtype as stored
             (bfloat16 widened to float32).
         state: the whole state dict as numpy arrays, in the file's key order (source of the key
             order and of the tensors the canonical map does not name, e.g. AdaIN's ``0.*``).
@@ -175,9 +173,8 @@ def state_to_write(
     arch_name = arch or (source.arch if source else _arch_of(canonical_arrays))
     kept = source.state if source is not None else {}
     state = from_canonical(canonical_arrays, layout, arch_name, kept or None)
-    for key, arr in state.items():  # what vggnorm wrote; passed-through tensors are the source's
-        if arr is not kept.get(key) and not np.all(np.isfinite(arr)):
-            raise WeightFileError(f"{path}: refusing to write {key}: NaN or infinite values")
+    # what vggnorm writes; tensors passed through are the source's (a NaN classifier stays)
+    _patch.check_finite({k: a for k, a in state.items() if a is not kept.get(k)}, path)
     return state, dict(source.dtypes) if source is not None else {}, meta
 
 
@@ -242,14 +239,6 @@ def _notes(tw: TorchWeights) -> tuple[str, ...]:
         "alone, the head written back as it was; its input is RGB 0-255 minus (123, 117, 104) "
         "(preprocessing rgb255)",
     )
-
-
-def patch_metadata(patch: Patch) -> dict[str, str]:
-    """A patch's provenance and extra arrays as str -> str metadata."""
-    metadata = {PROVENANCE_KEY: json.dumps(dict(patch.provenance), sort_keys=True)}
-    if patch.extra:
-        metadata[SCALES_KEY] = json.dumps({k: np.asarray(v).tolist() for k, v in patch.extra.items()})
-    return metadata
 
 
 def scales_of(metadata: Mapping[str, str], path: Path) -> dict[str, np.ndarray]:

@@ -28,9 +28,10 @@ import numpy as np
 
 from ..core.errors import WeightFileError
 from ..core.weightset import Format, WeightFile, WeightSet, suffix_of
-from . import _h5
+from . import _h5, _patch
 from ._guard import run_guarded
-from .outputs import atomic_path, check_output, output_lock
+from ._patch import Patch
+from .outputs import atomic_path, output_lock
 
 SUFFIXES = (".h5", ".hdf5", ".weights.h5")
 
@@ -112,22 +113,16 @@ def _read_scales(p: Path) -> dict[str, np.ndarray]:
 
 def check_target(src: Path, dst: Path, force: bool) -> None:
     """Refuse outputs that would not load the way ``src`` does, overwrite it, or clobber a file."""
-    if suffix_of(dst) != suffix_of(src) and {suffix_of(dst), suffix_of(src)} != {".h5", ".hdf5"}:
-        raise WeightFileError(
-            f"{dst.name} must end in {suffix_of(src)} like {src.name}: Keras picks "
-            "the loader by suffix, so the output keeps the input's format"
-        )
-    check_output(dst, force=force, inputs=[src], error=WeightFileError, need_bytes=_size(src))
+
+    def loads_alike(path: Path) -> bool:  # .h5 and .hdf5 load the same way
+        pair = {suffix_of(path), suffix_of(src)}
+        return len(pair) == 1 or pair == {".h5", ".hdf5"}
+
+    why = "Keras picks the loader by suffix, so the output keeps the input's format"
+    _patch.check_target(src, dst, force, loads_alike, why)
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def write(src: WeightFile, dst: Path, patch: _h5.Patch, force: bool) -> list[str]:
+def write(src: WeightFile, dst: Path, patch: Patch, force: bool) -> list[str]:
     """Write ``src`` to ``dst`` with ``patch`` applied, atomically; returns the groups dropped.
 
     Raises:

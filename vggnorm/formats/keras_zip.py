@@ -23,7 +23,8 @@ from ..core.errors import WeightFileError
 from ..core.weightset import Format, WeightFile, WeightSet, suffix_of
 from . import _h5
 from ._guard import run_guarded
-from .keras_h5 import check_target
+from ._patch import Patch
+from .keras_h5 import check_target as check_target
 from .outputs import atomic_path, output_lock, temp_dir_beside
 
 SUFFIXES = (".keras",)
@@ -125,7 +126,7 @@ def _read_scales(p: Path, scratch: Path) -> dict[str, np.ndarray]:
         return _h5.read_scales(f)
 
 
-def write(src: WeightFile, dst: Path, patch: _h5.Patch, force: bool) -> list[str]:
+def write(src: WeightFile, dst: Path, patch: Patch, force: bool) -> list[str]:
     """Write ``src`` to ``dst`` with ``patch`` applied to its weights member, atomically.
 
     Raises:
@@ -143,7 +144,7 @@ def write(src: WeightFile, dst: Path, patch: _h5.Patch, force: bool) -> list[str
         raise WeightFileError(f"{src.path}: unreadable while copying it: {e}") from e
 
 
-def _write(src: WeightFile, tmp: Path, target: Path, patch: _h5.Patch) -> list[str]:
+def _write(src: WeightFile, tmp: Path, target: Path, patch: Patch) -> list[str]:
     with temp_dir_beside(target) as work:
         inner_in, inner_out = Path(work) / "in.h5", Path(work) / "out.h5"
         with zipfile.ZipFile(src.path) as z_in:

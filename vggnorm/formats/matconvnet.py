@@ -34,10 +34,10 @@ from ..core.archs import Arch, ConvSpec, DenseSpec, HeadSpec, PoolSpec
 from ..core.errors import WeightFileError
 from ..core.inputs import CAFFE_MEAN_BGR
 from ..core.weightset import Format, LayerEntry, WeightFile, WeightSet
-from . import _torch
+from . import _patch, _torch
 from ._guard import run_guarded
-from ._h5 import Patch
-from .outputs import atomic_path, check_output
+from ._patch import Patch
+from .outputs import atomic_path
 
 SUFFIXES = (".mat",)
 FORMAT: Format = "matconvnet"
@@ -341,7 +341,7 @@ def read_scales(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The per-layer scales vggnorm stored in the file, by layer name."""
     p = Path(path)
     raw = run_guarded(_scales_text, p, what=p, preload=_PRELOAD)
-    return _torch.scales_of({_torch.SCALES_KEY: raw} if raw is not None else {}, p)
+    return _torch.scales_of({_patch.SCALES_KEY: raw} if raw is not None else {}, p)
 
 
 def _scales_text(path: Path) -> str | None:
@@ -369,9 +369,9 @@ def _write_patched(src: Path, tmp: Path, arrays: Mapping[str, np.ndarray], meta:
             rec = np.asarray(records[i]).flat[0]
             name = "filters" if slot == 0 else "biases"
             rec[name] = stored.astype(np.asarray(rec[name]).dtype).reshape(np.shape(rec[name]))
-    data[PROVENANCE_VAR] = meta[_torch.PROVENANCE_KEY]
-    if _torch.SCALES_KEY in meta:
-        data[SCALES_VAR] = meta[_torch.SCALES_KEY]
+    data[PROVENANCE_VAR] = meta[_patch.PROVENANCE_KEY]
+    if _patch.SCALES_KEY in meta:
+        data[SCALES_VAR] = meta[_patch.SCALES_KEY]
     scipy.io.savemat(str(tmp), data, format="5", oned_as="row")
 
 
@@ -387,19 +387,16 @@ def _stored(key: str, value: np.ndarray, shape: tuple[int, ...], first: bool) ->
     return w.transpose(1, 0, 2, 3)
 
 
+def check_target(src: Path, dst: Path, force: bool) -> None:
+    """Refuse an output of another format, over the input or an existing file, or unwritable."""
+    _patch.check_target(src, dst, force, detect)
+
+
 def write(src: WeightFile, dst: Path, patch: Patch, force: bool) -> list[str]:
     """``src`` with ``patch`` applied, same structure; provenance and scales as char variables.
     Returns ``[]``: nothing is dropped."""
-    if not detect(dst):
-        raise WeightFileError(
-            f"{dst.name} must be a .mat file like {src.path.name}: apply keeps the input's format "
-            "(use `vggnorm export` to convert)"
-        )
-    check_output(dst, force=force, inputs=[src.path], error=WeightFileError)
-    for key, value in patch.arrays.items():
-        if not np.all(np.isfinite(value)):
-            raise WeightFileError(f"{dst}: refusing to write {key}: NaN or infinite values")
-    meta = _torch.patch_metadata(patch)
+    check_target(src.path, dst, force)
+    meta = _patch.metadata(patch)
     with atomic_path(dst, suffix=".mat") as tmp:
         run_guarded(_write_patched, src.path, tmp, dict(patch.arrays), meta, what=src.path,
                     preload=_PRELOAD)  # fmt: skip
@@ -474,9 +471,7 @@ def write_new(
     _need_scipy()
     if not detect(path):
         raise WeightFileError(f"{path}: a MatConvNet file ends in .mat")
-    for key, value in arrays.items():
-        if not np.all(np.isfinite(value)):
-            raise WeightFileError(f"{path}: refusing to write {key}: NaN or infinite values")
+    _patch.check_finite(arrays, path)
     import scipy.io
 
     mean = np.asarray(CAFFE_MEAN_BGR[::-1], np.float32)
@@ -486,7 +481,7 @@ def write_new(
             averageImage=np.ascontiguousarray(np.broadcast_to(mean, (224, 224, 3))),
             keepAspect=np.ones((1, 1)), border=np.array([[32.0, 32.0]]),
             imageSize=np.array([[224.0, 224.0, 3.0]]), interpolation=np.array(["bilinear"])),
-        PROVENANCE_VAR: metadata.get(_torch.PROVENANCE_KEY, "{}"),
+        PROVENANCE_VAR: metadata.get(_patch.PROVENANCE_KEY, "{}"),
     }  # fmt: skip
     with atomic_path(path, suffix=".mat") as tmp:
         scipy.io.savemat(str(tmp), data, format="5", oned_as="row")

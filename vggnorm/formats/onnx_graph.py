@@ -42,10 +42,10 @@ import numpy as np
 from ..core.archs import Arch, ConvSpec, DenseSpec, FlattenOrder, HeadSpec, NormSpec, PoolSpec
 from ..core.errors import ArchitectureError, WeightFileError
 from ..core.weightset import Format, LayerEntry, WeightFile, WeightSet
-from . import _torch
+from . import _patch, _torch
 from ._guard import run_guarded
-from ._h5 import Patch
-from .outputs import atomic_path, check_output
+from ._patch import Patch
+from .outputs import atomic_path
 
 SUFFIXES = (".onnx",)
 FORMAT: Format = "onnx"
@@ -567,9 +567,9 @@ def _read(path: Path) -> WeightSet:
     model, walk = _follow(path)
     meta = _metadata(model)
     provenance = None
-    if _torch.PROVENANCE_KEY in meta:
+    if _patch.PROVENANCE_KEY in meta:
         try:
-            provenance = json.loads(meta[_torch.PROVENANCE_KEY])
+            provenance = json.loads(meta[_patch.PROVENANCE_KEY])
         except ValueError as e:
             raise WeightFileError(f"{path}: unreadable vggnorm provenance: {e}") from e
     wf = WeightFile(path, FORMAT, _layers(walk), None, provenance, walk.input_layout, None,
@@ -645,19 +645,16 @@ def _write_patched(src: Path, tmp: Path, arrays: Mapping[str, np.ndarray], meta:
     onnx.save(model, str(tmp))
 
 
+def check_target(src: Path, dst: Path, force: bool) -> None:
+    """Refuse an output of another format, over the input or an existing file, or unwritable."""
+    _patch.check_target(src, dst, force, detect)
+
+
 def write(src: WeightFile, dst: Path, patch: Patch, force: bool) -> list[str]:
     """``src`` with ``patch`` applied to its initializers; provenance and scales in
     ``metadata_props``. Returns ``[]``: nothing is dropped."""
-    if not detect(dst):
-        raise WeightFileError(
-            f"{dst.name} must be an .onnx file like {src.path.name}: apply keeps the input's "
-            "format (use `vggnorm export` to convert)"
-        )
-    check_output(dst, force=force, inputs=[src.path], error=WeightFileError)
-    for key, value in patch.arrays.items():
-        if not np.all(np.isfinite(value)):
-            raise WeightFileError(f"{dst}: refusing to write {key}: NaN or infinite values")
-    meta = _torch.patch_metadata(patch)
+    check_target(src.path, dst, force)
+    meta = _patch.metadata(patch)
     with atomic_path(dst, suffix=".onnx") as tmp:
         run_guarded(_write_patched, src.path, tmp, dict(patch.arrays), meta, what=src.path,
                     preload=_PRELOAD)  # fmt: skip

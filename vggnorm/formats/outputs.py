@@ -85,7 +85,7 @@ def check_output(
     full file system is found before any work is done).
 
     Raises:
-        ``error`` (default :class:`~vggnorm.errors.OutputError`) naming the file and the fix.
+        ``error`` (default :class:`~vggnorm.core.errors.OutputError`) naming the file and the fix.
     """
     err = error or OutputError
     for src in inputs:

@@ -23,12 +23,12 @@ import numpy as np
 from ..core.errors import WeightFileError
 from ..core.torch_layouts import Layout
 from ..core.weightset import WeightFile, WeightSet
-from . import _torch
+from . import _patch, _torch
 from ._guard import run_guarded
-from ._h5 import Patch
+from ._patch import Patch
 from ._torch import INT_KEY_SUFFIX, TorchWeights, one_line
 from .digest import sha256_file
-from .outputs import atomic_path, check_output
+from .outputs import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -182,16 +182,16 @@ def read_scales(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return _torch.scales_of(read_metadata(Path(path)), Path(path))
 
 
+def check_target(src: Path, dst: Path, force: bool) -> None:
+    """Refuse an output of another format, over the input or an existing file, or unwritable."""
+    _patch.check_target(src, dst, force, detect)
+
+
 def write(src: WeightFile, dst: Path, patch: Patch, force: bool) -> list[str]:
     """``src`` in its own layout with ``patch`` applied; provenance and scales in the sidecar.
     Returns ``[]``: nothing is ever dropped."""
-    if not detect(dst):
-        raise WeightFileError(
-            f"{dst.name} must be a {src.path.suffix} file like {src.path.name}: apply keeps the "
-            "input's format (use `vggnorm export` to convert)"
-        )
-    check_output(dst, force=force, inputs=[src.path], error=WeightFileError)
+    check_target(src.path, dst, force)
     tw = read_torch(src.path)
-    write_torch(dst, tw.layout, {**tw.arrays, **patch.arrays}, tw, _torch.patch_metadata(patch),
+    write_torch(dst, tw.layout, {**tw.arrays, **patch.arrays}, tw, _patch.metadata(patch),
                 tw.arch)  # fmt: skip
     return []

@@ -7,6 +7,7 @@ loaders), ``read(path) -> WeightSet``, ``write(src, dst, patch, force) -> droppe
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,10 @@ from ..core.errors import WeightFileError
 from ..core.topology import Loaded, bind
 from ..core.weightset import Format, WeightFile, WeightSet
 from . import keras_h5, keras_zip, matconvnet, onnx_graph, pth, safetensors_file
-from ._h5 import Patch
+from ._patch import Patch, check_finite
+from .outputs import output_lock
+
+log = logging.getLogger(__name__)
 
 #: Every weight-file container vggnorm reads and writes, tried in order.
 ADAPTERS: tuple[ModuleType, ...] = (keras_h5, keras_zip, safetensors_file, pth, matconvnet,
@@ -127,8 +131,21 @@ def write_weights(
     """
     wf = src.file if isinstance(src, WeightSet) else src
     patch = Patch(arrays, dict(provenance or {}), dict(extra or {}))
-    dropped: list[str] = adapter_for(wf.path).write(wf, Path(dst), patch, force)
+    check_finite(patch.arrays, Path(dst))
+    with output_lock(Path(dst)):  # one writer per output, whatever the format
+        dropped: list[str] = adapter_for(wf.path).write(wf, Path(dst), patch, force)
     return dropped
+
+
+def check_target(src: str | os.PathLike[str], dst: str | os.PathLike[str], force: bool = False) -> None:
+    """Refuse, before any work, an output ``dst`` that :func:`write_weights` would refuse for
+    ``src``: another format, the input itself, an existing file without ``force``, or a folder
+    that cannot take it.
+
+    Raises:
+        WeightFileError: naming the output and the reason.
+    """
+    adapter_for(src).check_target(Path(src), Path(dst), force)
 
 
 def read_scales(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -137,10 +154,12 @@ def read_scales(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     Raises:
         WeightFileError: the file was not written by vggnorm.
     """
-    wf = inspect_weights(path)
-    if wf.provenance is None:
+    adapter = adapter_for(path)
+    # an HDF5 file is described cheaply first, for a clear error; the other adapters' own
+    # readers already refuse a file without scales
+    if hasattr(adapter, "inspect") and inspect_weights(path).provenance is None:
         raise WeightFileError(f"{path} was not written by vggnorm (no provenance)")
-    scales: dict[str, np.ndarray] = adapter_for(path).read_scales(path)
+    scales: dict[str, np.ndarray] = adapter.read_scales(path)
     return scales
 
 
@@ -152,4 +171,6 @@ def load(path: str | os.PathLike[str], model: str | None = None) -> Loaded:
             :func:`vggnorm.core.topology.bind`.
     """
     ws = read_weights(path)
+    for note in ws.file.notes:  # what the reader noticed (a NaN head read as the features alone)
+        log.warning("%s: %s", path, note)
     return Loaded(ws, bind(ws.file, model))

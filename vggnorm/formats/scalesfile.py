@@ -26,6 +26,7 @@ import numpy as np
 
 from ..core.errors import OutputError
 from . import pth, safetensors_file
+from ._patch import PROVENANCE_KEY
 from .outputs import atomic_path
 
 SUFFIXES = (".json", ".npz", ".safetensors", ".pt", ".pth")
@@ -63,7 +64,7 @@ def write_scales_file(
                 np.savez(fh, **payload)
         elif suffix == ".safetensors":
             state = {k: v.astype(np.float32) for k, v in arrays.items()}
-            safetensors_file.write_arrays(tmp, state, {"vggnorm.provenance": meta})
+            safetensors_file.write_arrays(tmp, state, {PROVENANCE_KEY: meta})
         else:
             pth.write_tensors(tmp, {k: v.astype(np.float32) for k, v in arrays.items()},
                               {METADATA_KEY: meta})  # fmt: skip

@@ -88,7 +88,7 @@ def read_stats(path: str | os.PathLike[str]) -> StatsRecord:
     """
     p = Path(path)
     if not p.is_file():
-        raise StatsError(f"{p}: no such stats file (run `vggnorm stats` first)", fix="stats")
+        raise StatsError(f"{p}: no such stats file", fix="gather")
     return run_guarded(_read_stats, p, what=p, error=StatsError)
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from ..core.errors import WeightFileError
 from ..core.torch_layouts import Layout
 from . import pth, safetensors_file
-from ._torch import PROVENANCE_KEY, SCALES_KEY, Container, TorchWeights
+from ._patch import PROVENANCE_KEY, SCALES_KEY
+from ._torch import Container, TorchWeights
 
 __all__ = ["PROVENANCE_KEY", "SCALES_KEY", "TorchWeights", "container_of", "read_provenance",
            "read_torch", "write_torch"]  # fmt: skip

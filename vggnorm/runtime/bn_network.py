@@ -49,7 +49,7 @@ def build_bn_model(
 
     Returns:
         An uncompiled ``keras.Model`` from a float32 input ``(size, size, 3)``, already preprocessed
-        as ``record.meta.preprocess`` says (see :func:`preprocess_images`), to the last pooling's
+        as ``record.meta.preprocess`` says (see :func:`vggnorm.core.inputs.preprocess_images`), to the last pooling's
         output, or to the head's output when the head's activations are known. Layers keep the
         weight file's names; each conv's BN is ``<conv>_bn``, each ReLU Dense's ``<dense>_bn``. In
         inference mode it computes what the network without BN computes.

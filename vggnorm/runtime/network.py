@@ -10,6 +10,7 @@ where :mod:`vggnorm.core.stats` accumulates them in float64.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -293,8 +294,8 @@ class FeatureNet:
     def moments(
         self, images: npt.NDArray[np.uint8]
     ) -> dict[str, tuple[np.ndarray, np.ndarray, int, ImageMoments]]:
-        """Per conv: float64 (sum, sumsq) over the batch's activations, the value count, and the
-        moments of the images' own means.
+        """Per conv, a 4-tuple: float64 (sum, sumsq) over the batch's activations, the value
+        count, and the :class:`~vggnorm.core.stats.ImageMoments` of the images' own means.
 
         A batch smaller than ``batch_size`` is padded with black images that are left out of
         the sums: the CPU convolution kernels round differently for different batch sizes
@@ -369,9 +370,11 @@ def device_budget(max_memory: int | None = None, share: float = 1.0) -> Budget:
                   f"{format_bytes(host)} available to this process")  # fmt: skip
 
 
+@functools.cache
 def gpu_memory() -> tuple[str, int | None] | None:
     """The GPU TensorFlow runs on (its first visible one) and the bytes it may allocate there;
-    None where the forward pass runs on the CPU."""
+    None where the forward pass runs on the CPU. Asked once per process: listing the devices is
+    slow and initialises every GPU."""
     keras = keras_module()
     if keras.backend.backend() != "tensorflow":
         return None

@@ -21,7 +21,7 @@ from ..core.inputs import preprocess_images
 from ..core.rescale import Scales
 from ..core.statsrecord import StatsMeta
 from ..core.topology import Loaded
-from ..core.verdicts import judge_predictions
+from ..core.verdicts import OutputComparison
 from ..formats.onnx_graph import Runnable, runnable
 from .data import Dataset, iter_batches
 
@@ -58,7 +58,7 @@ def check_onnx_files(
     head = orig.bound.arch.head
     size = graphs[0].size or (head.input_size if head else None) or meta.size
     s_last = scales.values[orig.bound.conv_names[-1]]
-    max_abs, max_rel, agree, n = 0.0, 0.0, 0, 0
+    outputs = OutputComparison()
     for batch in iter_batches(ds, items, replace(meta.decode, size=size), 8):
         if not batch.items:
             continue
@@ -67,9 +67,5 @@ def check_onnx_files(
         if graphs[0].headless:  # features: the normalized ones are divided by s_last
             axis = 1 if graphs[0].output_nchw else -1
             yb = yb * np.expand_dims(s_last, tuple(a for a in range(yb.ndim) if a != axis % yb.ndim))
-        diff = float(np.max(np.abs(ya - yb)))
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / max(float(np.max(np.abs(ya))), 1e-30))
-        agree += int(np.sum(ya.reshape(len(ya), -1).argmax(-1) == yb.reshape(len(yb), -1).argmax(-1)))
-        n += len(batch.items)
-    return judge_predictions(max_abs, max_rel, agree, n)
+        outputs.add(ya, yb)
+    return outputs.verdict()

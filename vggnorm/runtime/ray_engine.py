@@ -1,20 +1,25 @@
 """Run the measuring step on a Ray cluster (``--ray``): same images, same order, same result.
 
 The selection ``items[start:]`` is cut into fixed blocks that end at the run's check points
-(every ``meta.check_every`` items of the selection, counted from its start, whatever ``start``).
-Each image's statistics do not depend on the batch it falls in (:meth:`FeatureNet.moments` pads
-every batch to the full batch size), so a block's sums are exactly the sums of its images.
-Each worker is a Ray actor that builds the network once (:func:`vggnorm.runtime.measure.feature_net`, the
-weights sent once through the object store) and runs :func:`vggnorm.runtime.measure.measure` over a
-block, adding its per-batch :class:`~vggnorm.runtime.measure.Counted` with ``plus``: the single-process
-step, only elsewhere. The driver yields blocks in block order, holding back those
-that finish early, so the sums are the single-process run's to float64 rounding for any number
-of workers, and the stats file written after each yielded block is a valid checkpoint.
+(every ``meta.check_every`` items of the selection, counted from its start, whatever
+``start``). Each image's statistics do not depend on the batch it falls in
+(:meth:`vggnorm.runtime.network.FeatureNet.moments` pads every batch to the full batch size),
+so a block's sums are exactly the sums of its images. Each worker is a Ray actor that builds the
+network once (:func:`vggnorm.runtime.measure.feature_net`, the weights sent once through the
+object store) and runs :func:`vggnorm.runtime.measure.measure` over a block, adding its
+per-batch :class:`~vggnorm.runtime.measure.Counted` with ``plus``: the single-process step,
+only elsewhere. The driver yields blocks in block order, holding back those that finish early,
+so at one batch size the sums are the single-process run's to float64 rounding for any number
+of workers, and the stats file written after each yielded block is a valid checkpoint. With
+``--batch-size auto`` each worker fits the batch to its own device's memory; workers of other
+batch sizes differ from a single run by the float32 rounding of the convolutions only (where
+the kernels round by batch size at all).
 
 Faults: a worker killed mid-block is restarted by Ray and its blocks retried
 (``max_restarts``/``max_task_retries``); if Ray gives up, the block is re-submitted to another
 worker, or to a fresh one. Closing the generator (end, Ctrl-C, error) cancels outstanding blocks
-and kills the workers; the cluster is shut down only if this engine started it.
+and kills the workers; the cluster is shut down only if this engine started it. A head that
+stops answering ends the run with an error (the caller saves what was counted).
 """
 
 from __future__ import annotations
@@ -171,8 +176,6 @@ class RayEngine:
         workers: number of workers; default one per GPU, else one per ``cpus_per_worker`` CPUs.
         cpus_per_worker: CPUs each worker reserves (decoding threads, and the forward pass
             without GPUs).
-        batch_size: images per forward pass, or ``"auto"`` (the call's ``batch`` wins; kept for
-            ``description``).
         report: called with each line of the per-worker summary at the end of a run.
         max_restarts: Ray restarts of a killed worker (each retrying its queued blocks).
         init_kwargs: extra ``ray.init`` arguments when this engine starts or joins a cluster.
@@ -184,7 +187,6 @@ class RayEngine:
         *,
         workers: int | None = None,
         cpus_per_worker: float = 2,
-        batch_size: int | str = "auto",
         report: Callable[[str], None] | None = None,
         max_restarts: int = 3,
         init_kwargs: dict[str, Any] | None = None,
@@ -196,7 +198,6 @@ class RayEngine:
         self.address = address
         self.workers = workers
         self.cpus_per_worker = cpus_per_worker
-        self.batch_size = batch_size
         self.report = report
         self.max_restarts = max_restarts
         self.init_kwargs = dict(init_kwargs or {})
