@@ -11,6 +11,7 @@ import getpass
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
@@ -19,7 +20,7 @@ settings.register_profile("vggnorm", database=None)
 settings.load_profile("vggnorm")
 
 
-def pytest_configure(config: object) -> None:
+def pytest_configure(config: pytest.Config) -> None:
     """Guarded reads of .pth, .mat and .onnx files import torch, scipy.io and onnx in each child
     unless the fork server preloaded them (done when the first guarded read starts it): let the
     server of this session preload those that are installed, once (a missing one is skipped)."""
@@ -28,6 +29,10 @@ def pytest_configure(config: object) -> None:
     from vggnorm.formats import _guard
 
     _guard._context(("torch", "scipy.io", "onnx"))
+    if config.option.collectonly:
+        # Collecting reads no file, and a server started here could not serve a process forked
+        # from this one (mutmut warms its workers' parent by collecting the tests).
+        return
     # Start the server now, not inside the first test that reads a file: its start (loading
     # torch) would count against that test's deadlines, or meet its Ctrl-C.
     _guard.run_guarded(os.getpid, what="the fork server's start", timeout=120)

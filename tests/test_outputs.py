@@ -191,7 +191,7 @@ def test_damaged_stats_are_refused_on_read(
 
 def test_consistent_stats_pass_validation_at_the_cauchy_schwarz_bound(tmp_path: Path) -> None:
     # equal values: sum^2 == count * sumsq exactly, the bound itself
-    validate(_record(np.array([4.0, 0.0]), np.array([8.0, 0.0]), 2))
+    validate(_record(np.array([4.0, 0.0]), np.array([8.0, 0.0]), 2), "s.h5")
     path = tmp_path / "s.h5"
     write_stats(path, _record(*GOOD))
     assert read_stats(path).layers[0].count == 2

@@ -26,8 +26,10 @@ from fixtures.photos import write_photos
 from vggnorm.core.errors import StatsError
 from vggnorm.core.inputs import Decode
 from vggnorm.core.precision import (
+    NEAR_DEAD_FRACTION,
     LayerPrecision,
     betainc,
+    classify,
     filter_precision,
     layer_precision,
     precision_table,
@@ -36,6 +38,7 @@ from vggnorm.core.precision import (
     target_reached,
     worst_quantile,
 )
+from vggnorm.core.rescale import DEAD_THRESHOLD
 from vggnorm.core.stats import ImageMoments, LayerStats, merge_stats
 from vggnorm.core.statsrecord import StatsMeta, StatsRecord
 from vggnorm.formats.statsfile import read_stats, write_stats
@@ -119,6 +122,45 @@ def test_layer_figures_and_their_json() -> None:
     empty = LayerPrecision("c", 2, 0, 3, 0, 0.0, 0.0, 0.0, np.zeros(0))
     assert empty.quantile(0.5) == 0.0 and worst_quantile([empty], 0.5) == 0.0
     assert worst_quantile([], 0.5) == 0.0
+
+
+def test_classify_at_its_two_boundaries() -> None:
+    # a mean at the dead threshold is dead; one at exactly 1e-3 of the live median is not near-dead
+    dead, near = classify([DEAD_THRESHOLD, 1.0, 1000.0, 1000.0, 1000.0])
+    assert dead.tolist() == [True, False, False, False, False]
+    assert NEAR_DEAD_FRACTION * 1000.0 == 1.0 and near.tolist() == [False] * 5
+    dead, near = classify([DEAD_THRESHOLD, np.nextafter(1.0, 0.0), 1000.0, 1000.0, 1000.0])
+    assert near.tolist() == [False, True, False, False, False]
+    assert [a.tolist() for a in classify([0.0, 0.0])] == [[True, True], [False, False]]
+
+
+def test_filter_precision_names_its_layer_and_takes_small_means() -> None:
+    # means below 1 (the half-width is relative to the mean, whatever its size) and a filter that
+    # never fired (no relative precision: infinite)
+    fp = filter_precision(_layer(np.array([[0.25, 0.0], [0.75, 0.0]]), name="block1_conv1"))
+    assert fp is not None and fp.name == "block1_conv1"
+    t = t_quantile(0.975, 1)
+    assert fp.se.tolist() == [0.25, 0.0]
+    assert fp.half_width.tolist() == [t * 0.25 / 0.5, math.inf]
+    assert fp.live.tolist() == [True, False]
+
+
+def test_a_layer_without_live_filters_has_zero_figures() -> None:
+    lp = layer_precision(_layer(np.zeros((3, 2))))
+    assert lp is not None and (lp.live, lp.dead, lp.near_dead) == (0, 2, 0)
+    assert (lp.median, lp.p99, lp.worst) == (0.0, 0.0, 0.0)
+
+
+def test_layer_figures_are_the_quantiles_of_the_live_half_widths() -> None:
+    rng = np.random.default_rng(3)
+    means = rng.uniform(0.5, 2.0, size=(5, 200))
+    lp = layer_precision(_layer(means))
+    fp = filter_precision(_layer(means))
+    assert lp is not None and fp is not None and lp.live == 200
+    h = fp.half_width
+    assert (lp.median, lp.p99, lp.worst) == (float(np.quantile(h, 0.5)),
+                                             float(np.quantile(h, 0.99)), float(h.max()))  # fmt: skip
+    assert lp.median < lp.p99 < lp.worst
 
 
 def test_filter_precision_equals_an_independent_float64_computation() -> None:
@@ -217,6 +259,91 @@ def _record(layers: tuple[LayerStats, ...], images: int) -> StatsRecord:
         selection_size=images, position=images, complete=True,
     )  # fmt: skip
     return StatsRecord(meta, layers, tuple(f"{i}.jpg" for i in range(images)))
+
+
+def test_precision_lines_word_for_word() -> None:
+    from dataclasses import replace
+
+    from vggnorm.core.statsrecord import precision_lines
+
+    # layer a: means 1 and 3 over two images each filter (half-widths t*se/mean), the third
+    # filter near-dead (1e-4 of the median), the fourth dead; layer b: one live filter
+    a = _layer(np.array([[0.5, 2.0, 1e-4, 0.0], [1.5, 4.0, 1e-4, 0.0]]), name="block1_conv1")
+    b = _layer(np.array([[2.0], [2.0]]), name="b")
+    record = _record((a, b), 2)
+    t = t_quantile(0.975, 1)
+    ha, hb = t * 0.5 / 1.0, t * 1.0 / 3.0  # se = |x1 - x2| / 2 for two images
+    head = ("precision of the means over 2 images: relative half-width of the 95% interval "
+            "over live filters (median, 99th percentile, worst)")  # fmt: skip
+    med, p99 = (ha + hb) / 2, float(np.quantile([ha, hb], 0.99))
+    assert precision_lines(record) == [
+        head,
+        f"  block1_conv1     ±{med:.2%}  ±{p99:.2%}  ±{ha:.2%}; 1 near-dead left out",
+        "  b                ±0.00%  ±0.00%  ±0.00%",
+    ]
+    reached = replace(record, meta=replace(record.meta, target_error=0.05, target_quantile=0.9,
+                                           target_reached=True))  # fmt: skip
+    assert precision_lines(reached)[-1] == (
+        "target ±0.05 at quantile 0.9 of live filters: reached with 2 images")
+    missed = replace(reached, meta=replace(reached.meta, target_reached=False))
+    assert precision_lines(missed)[-1] == (
+        "target ±0.05 at quantile 0.9 of live filters: NOT reached with 2 images")
+    assert precision_lines(missed)[:3] == precision_lines(record)
+    assert record.summary()[-3:] == precision_lines(record)
+
+
+def _plain(sum_: list[float], sumsq: list[float], count: int) -> LayerStats:
+    return LayerStats("a", np.array(sum_), np.array(sumsq), count)
+
+
+@pytest.mark.parametrize(
+    ("layer", "complete", "reason"),
+    [
+        (_plain([1.0], [-1.0], 4), True, "negative sums of post-ReLU activations"),
+        (_plain([-1.0], [1.0], 4), True, "negative sums of post-ReLU activations"),
+        (_plain([1.0], [0.0], 0), False, "sums without any counted value"),
+        (_plain([0.0], [1.0], 0), False, "sums without any counted value"),
+        (_plain([0.0], [0.0], 0), True, "no counted value in a complete run"),
+        (_plain([4.0], [3.0], 4), True,
+         r"sums of squares too small for the sums and count \(sum\^2 > count \* sumsq\)"),
+    ],
+)
+def test_impossible_sums_are_refused_word_for_word(
+    layer: LayerStats, complete: bool, reason: str
+) -> None:
+    from dataclasses import replace
+
+    from vggnorm.core.statsrecord import validate
+
+    record = _record((layer,), 4)
+    record = replace(record, meta=replace(record.meta, complete=complete), images=())
+    with pytest.raises(StatsError, match=rf"^s.h5: layer a: {reason}; the stats file is damaged$"):
+        validate(record, "s.h5")
+    validate(replace(record, layers=(_plain([1.0], [1.0], 1),)), "s.h5")  # one value: fine
+
+
+def test_layers_that_counted_one_value_are_used_and_none_refused() -> None:
+    from dataclasses import replace
+
+    from vggnorm.core.statsrecord import layer_summary, stats_by_conv
+
+    one = _record((_plain([2.0], [4.0], 1),), 1)
+    assert stats_by_conv(one, [("conv", 1)])["conv"].count == 1
+    assert layer_summary(one)[0]["mean_max"] == 2.0
+    none = replace(one, layers=(_plain([0.0], [0.0], 0),))
+    with pytest.raises(StatsError, match=r"^stats layer a counted no activation$"):
+        stats_by_conv(none, [("conv", 1)])
+    with pytest.raises(StatsError, match=r"^stats layer a counted no activation$"):
+        layer_summary(none)
+    unfinished = replace(one, meta=replace(one.meta, complete=False))
+    with pytest.raises(StatsError, match=r"^the stats file is from an unfinished run$"):
+        stats_by_conv(unfinished, [("conv", 1)])
+
+
+def test_settings_without_a_shard_are_the_whole_dataset() -> None:
+    raw = _record((), 1).meta.to_dict()
+    del raw["shard"]
+    assert StatsMeta.from_dict(raw).shard == (0, 1)
 
 
 def test_stats_file_round_trips_the_per_image_sums(tmp_path: Path) -> None:

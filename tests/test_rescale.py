@@ -11,7 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vggnorm.core.rescale
-from vggnorm.core.rescale import DEAD_THRESHOLD, Scales, compute_scales, rescale
+from vggnorm.core.rescale import (
+    DEAD_THRESHOLD,
+    Scales,
+    compute_scales,
+    flatten_row_scale,
+    rescale,
+)
 from vggnorm.core.stats import LayerStats
 
 # No example database: tests write nothing into the working directory.
@@ -437,10 +443,32 @@ def test_global_pooling_head_with_more_rows_than_filters_raises(reduce):
 
 def test_head_dense_and_reduce_go_together():
     _, scales, w = _head_case(C)
-    with pytest.raises(ValueError, match="go together"):
+    with pytest.raises(ValueError, match=r"^head_dense and head_reduce go together$"):
         rescale(w, scales, "fc", None)
-    with pytest.raises(ValueError, match="go together"):
+    with pytest.raises(ValueError, match=r"^head_dense and head_reduce go together$"):
         rescale(w, scales, None, "gap")
+
+
+def test_float32_means_give_float64_scales():
+    # 1/3 in float32 is not 1/3 in float64: the scales keep the float32 value exactly, in float64
+    m32 = np.array([1 / 3, 2.0, 0.0], dtype=np.float32)
+    s = compute_scales({"c": m32}, ["c"])
+    assert s.values["c"].dtype == np.float64
+    assert s.values["c"].tolist() == [float(m32[0]), 2.0, 1.0]
+
+
+def test_flatten_row_scale_is_float64_in_both_orders():
+    s32 = np.array([1 / 3, 3.0], dtype=np.float32)
+    for order, expected in (("hwc", [1 / 3, 3, 1 / 3, 3]), ("chw", [1 / 3, 1 / 3, 3, 3])):
+        rows = flatten_row_scale(s32, 4, order)
+        assert rows.dtype == np.float64
+        np.testing.assert_array_equal(rows, np.asarray(expected, np.float32).astype(np.float64))
+    assert flatten_row_scale([1, 2], 2, "chw").dtype == np.float64  # integers too
+
+
+def test_flatten_row_scale_refuses_an_unknown_order():
+    with pytest.raises(ValueError, match=r"^unknown flatten order 'whc'; expected 'hwc' or 'chw'$"):
+        flatten_row_scale([1.0], 1, "whc")  # type: ignore[arg-type]
 
 
 def test_missing_or_misshapen_weights_raise_naming_the_key():

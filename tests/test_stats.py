@@ -285,6 +285,21 @@ def test_image_moments_add_and_refuse_another_width():
         ImageMoments.of([[1.0]]).plus(ImageMoments.of([[1.0, 2.0]]))
 
 
+def test_image_moments_of_float32_means_square_in_float64():
+    # a float32 per-image mean squared in float32 loses its low bits; in float64 it is exact
+    # (a 24-bit mantissa squared fits in 53 bits)
+    m = np.array([[1 + 2.0**-20], [3.0]], dtype=np.float32)
+    im = ImageMoments.of(m)
+    assert im.sumsq.dtype == np.float64
+    assert im.sumsq.tolist() == [(1 + 2.0**-20) ** 2 + 9.0]
+    assert np.float32(m[0, 0]) * np.float32(m[0, 0]) == np.float32(1 + 2.0**-19)  # float32 rounds
+
+
+def test_layer_stats_refuse_per_image_moments_of_another_width():
+    with pytest.raises(ValueError, match=r"^a: per-image moments for another number of filters$"):
+        LayerStats("a", np.zeros(2), np.zeros(2), 1, ImageMoments.of([[1.0]]))
+
+
 def test_batches_carry_their_per_image_moments_or_lose_them():
     stats = empty_stats([("a", 1)])
     im = ImageMoments.of([[2.0]])

@@ -29,6 +29,7 @@ from vggnorm.core.verdicts import (
     MEANS_TOL,
     HeldOutCheck,
     LayerCheck,
+    OutputComparison,
     VerifyReport,
     function_errors,
     judge_held_out,
@@ -183,6 +184,27 @@ def test_predictions_are_judged_on_the_largest_logit() -> None:
     assert nothing["ok"] == 0.0 and nothing["top1_agreement"] == 0.0
     one = judge_predictions(0.0, 0.0, 1, 1)  # one image is enough
     assert one["ok"] == 1.0 and one["top1_agreement"] == 1.0
+
+
+def test_output_comparison_accumulates_over_batches() -> None:
+    outputs = OutputComparison()
+    # batch 1: two images, logits below 1 (the relative error is to the largest logit, 0.5);
+    # image 0 keeps its top class (2), image 1 loses it (0 -> 1)
+    a1 = np.array([[0.1, 0.2, 0.5], [0.4, 0.0, 0.3]])
+    b1 = np.array([[0.1, 0.2, 0.45], [0.4, 0.41, 0.3]])
+    outputs.add(a1, b1)
+    assert (outputs.max_abs, outputs.images, outputs.agree) == (0.41, 2, 1)
+    assert outputs.max_rel == 0.41 / 0.5
+    # batch 2: three images with (1, 2, 2) maps (a row per image), all top classes kept, a
+    # smaller error: the worst errors stay batch 1's, the counts add up
+    a2 = np.arange(12.0).reshape(3, 1, 2, 2)
+    a2[1, 0, 0, 0] = 20.0  # image 1's top class is its first, not its last
+    b2 = a2 + 0.01
+    outputs.add(a2, b2)
+    assert (outputs.max_abs, outputs.max_rel, outputs.images, outputs.agree) == (
+        0.41, 0.41 / 0.5, 5, 4)  # fmt: skip
+    assert outputs.verdict() == judge_predictions(0.41, 0.41 / 0.5, 4, 5)
+    assert outputs.verdict()["max_abs_err"] == 0.41
 
 
 def _arch(*layers: Any) -> Arch:

@@ -164,8 +164,9 @@ def filter_precision(ls: LayerStats, confidence: float = CONFIDENCE) -> FilterPr
     var = np.maximum(im.sumsq - n * mean * mean, 0.0) / (n - 1)
     se = np.sqrt(var / n)
     t = t_quantile(0.5 + confidence / 2.0, n - 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        half = np.where(mean > 0, t * se / np.where(mean > 0, mean, 1.0), np.inf)
+    half = np.full(mean.shape, np.inf)  # a filter that never fired: no relative precision
+    fired = mean > 0
+    half[fired] = t * se[fired] / mean[fired]
     dead, near = classify(mean)
     return FilterPrecision(ls.name, n, mean, se, half, ~dead & ~near, near, t)
 

@@ -216,7 +216,7 @@ _CS_SLACK = 1e-6
 _TINY = float(np.sqrt(np.finfo(np.float64).tiny))
 
 
-def validate(record: StatsRecord, where: str = "stats") -> None:
+def validate(record: StatsRecord, where: str) -> None:
     """Refuse statistics no real run can produce (a damaged or edited file).
 
     Every sum and sum of squares is finite and >= 0 (activations are post-ReLU), counts are

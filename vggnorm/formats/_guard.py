@@ -295,7 +295,7 @@ def _receive(
     if not wait([conn, proc.sentinel], timeout):
         raise error(
             f"{what}: reading took more than {timeout:g} s; the file is probably damaged "
-            f"(HDF5 library hung); set {TIMEOUT_ENV} to allow longer"
+            f"(its reader hung); set {TIMEOUT_ENV} to allow longer"
         )
     try:
         stream, sizes = conn.recv()

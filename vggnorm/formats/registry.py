@@ -132,6 +132,7 @@ def write_weights(
     wf = src.file if isinstance(src, WeightSet) else src
     patch = Patch(arrays, dict(provenance or {}), dict(extra or {}))
     check_finite(patch.arrays, Path(dst))
+    check_target(wf.path, dst, force)  # a bad target is named before the lock is taken
     with output_lock(Path(dst)):  # one writer per output, whatever the format
         dropped: list[str] = adapter_for(wf.path).write(wf, Path(dst), patch, force)
     return dropped
