@@ -53,6 +53,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
@@ -74,6 +75,8 @@ _CHILD_GRACE_S = 10
 #: Modules the fork server imports once, so each child starts with them loaded.
 _PRELOAD = ["vggnorm.formats", "vggnorm.formats.statsfile"]
 _MAX_REASON = 200
+#: Longest single wait for a reading child: how late a Ctrl-C can be noticed.
+_POLL_S = 0.2
 
 _ctx_lock = threading.Lock()
 _ctx: Any = None
@@ -287,12 +290,28 @@ def run_guarded(
     return _result(kind, value, what, error)  # type: ignore[no-any-return]
 
 
+def _wait_interruptibly(handles: list[Any], timeout: float) -> bool:
+    """``wait(handles, timeout)`` in short slices: whether one became ready in time.
+
+    A Ctrl-C is a signal to the process, which the kernel may hand to any of its threads (torch
+    and TensorFlow start several); Python then raises KeyboardInterrupt in the main thread only
+    when that thread returns from its system call, which one long ``wait`` would delay to the
+    deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if wait(handles, min(left, _POLL_S)):
+            return True
+
+
 def _receive(
     proc: Any, conn: Connection, scratch: int, timeout: float, what: Path | str,
     error: type[VggnormError],
 ) -> tuple[str, Any]:  # fmt: skip
     """The child's ``(kind, value)``, or ``error`` when it hangs past ``timeout`` or dies."""
-    if not wait([conn, proc.sentinel], timeout):
+    if not _wait_interruptibly([conn, proc.sentinel], timeout):
         raise error(
             f"{what}: reading took more than {timeout:g} s; the file is probably damaged "
             f"(its reader hung); set {TIMEOUT_ENV} to allow longer"
