@@ -245,6 +245,8 @@ def _sigint_to_this_thread() -> None:
 )
 def test_ctrl_c_kills_the_child_and_propagates(tmp_path: Path, send: Callable[[], None]) -> None:
     pid_file = tmp_path / "pid"
+    # Python's own Ctrl-C handler, whatever an earlier test of this session left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, send)
     timer.start()
     t0 = time.monotonic()
@@ -253,6 +255,7 @@ def test_ctrl_c_kills_the_child_and_propagates(tmp_path: Path, send: Callable[[]
             run_guarded(_hang, pid_file, what="w.h5", timeout=60)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - t0 < 1.0 + MARGIN
     assert_gone(pid_file)
 
