@@ -17,7 +17,8 @@ class VggnormError(Exception):
     images; ``"settings"``: rerun with the saved run's settings; ``"memory"``: a smaller memory
     budget or batch; ``"ray"``: run on Ray instead of a shard; ``"preprocess"``: name the input
     convention; ``"export"``: convert with ``vggnorm export``; ``"gather"``: run ``vggnorm stats``
-    first), which the CLI turns into the flag to pass; remedies joined by ``+`` apply together. It survives pickling (the guarded reader sends errors across processes).
+    first), which the CLI turns into the flag to pass; remedies joined by ``+`` apply together.
+    It survives pickling (the guarded reader sends errors across processes).
     """
 
     exit_code = 1

@@ -111,7 +111,8 @@ def _spreads(before: Sequence[float], after: Sequence[float]) -> dict[str, float
 def spread_table(
     before: Mapping[str, Mapping[str, float]], after: Mapping[str, Mapping[str, float]]
 ) -> dict[str, Any]:
-    """Per-layer losses before/after and the spreads; the shape :func:`vggnorm.commands.report.write_report` reads."""
+    """Per-layer losses before/after and the spreads; the shape
+    :func:`vggnorm.commands.report.write_report` reads."""
     names = list(before)
     if list(after) != names:
         raise ValueError("before and after cover different layers")

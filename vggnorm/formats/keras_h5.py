@@ -31,7 +31,7 @@ from ..core.weightset import Format, WeightFile, WeightSet, suffix_of
 from . import _h5, _patch
 from ._guard import run_guarded
 from ._patch import Patch
-from .outputs import atomic_path, output_lock
+from .outputs import atomic_path
 
 SUFFIXES = (".h5", ".hdf5", ".weights.h5")
 
@@ -132,7 +132,7 @@ def write(src: WeightFile, dst: Path, patch: Patch, force: bool) -> list[str]:
     _h5.need_h5py()
     check_target(src.path, dst, force)
     try:
-        with output_lock(dst), atomic_path(dst) as tmp:
+        with atomic_path(dst) as tmp:
             return _h5.patch_h5(src.path, tmp, src, patch)
     except OSError as e:
         raise WeightFileError(f"could not write {dst}: {e.strerror or e}") from e

@@ -25,7 +25,7 @@ from . import _h5
 from ._guard import run_guarded
 from ._patch import Patch
 from .keras_h5 import check_target as check_target
-from .outputs import atomic_path, output_lock, temp_dir_beside
+from .outputs import atomic_path, temp_dir_beside
 
 SUFFIXES = (".keras",)
 LAYOUT: Format = "keras-zip"
@@ -136,7 +136,7 @@ def write(src: WeightFile, dst: Path, patch: Patch, force: bool) -> list[str]:
     _h5.need_h5py()
     check_target(src.path, dst, force)
     try:
-        with output_lock(dst), atomic_path(dst) as tmp:
+        with atomic_path(dst) as tmp:
             return _write(src, tmp, dst, patch)
     except OSError as e:
         raise WeightFileError(f"could not write {dst}: {e.strerror or e}") from e

@@ -132,7 +132,10 @@ def write_weights(
     wf = src.file if isinstance(src, WeightSet) else src
     patch = Patch(arrays, dict(provenance or {}), dict(extra or {}))
     check_finite(patch.arrays, Path(dst))
-    check_target(wf.path, dst, force)  # a bad target is named before the lock is taken
+    # A bad target (format, place, space) is named before the lock, which would only say the
+    # folder cannot take a lock file; each adapter checks again under the lock, where no
+    # other vggnorm run can create the output in between.
+    check_target(wf.path, dst, force)
     with output_lock(Path(dst)):  # one writer per output, whatever the format
         dropped: list[str] = adapter_for(wf.path).write(wf, Path(dst), patch, force)
     return dropped
