@@ -113,7 +113,42 @@ EQUIVALENT: dict[str, str] = {
     **dict.fromkeys([f"vggnorm.core.statsrecord.x_stats_by_conv__mutmut_{n}" for n in (15, 18, 19)],
         "zip without strict=True: the two lengths were compared just above (an error if they "
         "differ), so zip never meets an early end"),
+    # weightset
+    **dict.fromkeys([f"vggnorm.core.weightset.x__stored_role__mutmut_{n}" for n in (5, 17)],
+        "split(':') or split(':', 2) for split(':', 1), then [0]: the text before the first "
+        "colon is the same whatever the number of splits"),
+    **dict.fromkeys([f"vggnorm.core.weightset.x__stored_role__mutmut_{n}" for n in (10, 13)],
+        "rsplit('/') or rsplit('/', 2) for rsplit('/', 1), then [-1]: the text after the last "
+        "slash is the same whatever the number of splits"),
     # compare
+    **dict.fromkeys([f"vggnorm.core.compare.xǁCompareReportǁtable__mutmut_{n}" for n in (20, 27)],
+        'float("NAN") for float("nan"): Python reads either as NaN'),
+    "vggnorm.core.compare.x_ratio_tolerance__mutmut_7":
+        "np.dtype(None) for np.dtype(np.float64): numpy's default dtype is float64",
+    "vggnorm.core.compare.x__ratios__mutmut_22":
+        "the divisor put where a ratio is not taken, 1.0 made 2.0: those quotients are replaced "
+        "by NaN just after (the placeholder only avoids dividing by zero)",
+    **dict.fromkeys([f"vggnorm.core.compare.x__column_median__mutmut_{n}" for n in (2, 3)],
+        "the full sort taken where the partial sort would do: both order the entries that give "
+        "the median (the partial sort is only faster)"),
+    "vggnorm.core.compare.x__column_median__mutmut_23":
+        "partition at (k-2)//2 for (k-1)//2: for even k the two are equal; for odd k the median "
+        "index (k-1)//2 = k//2 is partitioned anyway",
+    **dict.fromkeys([f"vggnorm.core.compare.x__column_median__mutmut_{n}" for n in (24, 48)],
+        "max(k - 1, 1) // 2 for max(k - 1, 0) // 2: they differ only for k <= 1, where both are 0"),
+    "vggnorm.core.compare.x__compare_conv__mutmut_42":
+        "reshape(-2, n) for reshape(-1, n): numpy takes any negative size as the one to infer",
+    "vggnorm.core.compare.x__compare_conv__mutmut_114":
+        "a filter with no ratio at all takes its bias ratio, NaN, instead of 1: the next line "
+        "sets every scale that is not > 0, NaN included, to 1",
+    "vggnorm.core.compare.x_compare_weights__mutmut_92":
+        "CompareReport's `missing` left to its default, which is the same empty tuple",
+    "vggnorm.core.compare.x__like_bias__mutmut_2":
+        "`if norm or True`: without a BatchNormalization the keys are 'None/beta' and "
+        "'None/moving_mean', which no weight set holds, and keys not held are skipped",
+    **dict.fromkeys([f"vggnorm.core.compare.x__compare_head__mutmut_{n}" for n in (3, 5)],
+        "a's head kernel read in its own dtype, not float64: it is multiplied by the float64 row "
+        "scales at once, and numpy converts float32/float16 to float64 exactly"),
     **dict.fromkeys([f"vggnorm.core.compare.x_scales_in_intervals__mutmut_{n}" for n in (8, 10)],
         "the scales kept in their own dtype: every use subtracts or compares float64 means, "
         "which numpy does in float64 anyway"),

@@ -12,9 +12,13 @@ from hypothesis import strategies as st
 
 from vggnorm.core.archs import VGG19
 from vggnorm.core.compare import (
+    CompareReport,
+    HeadComparison,
     IntervalAgreement,
+    LayerComparison,
     ScalesVsMeans,
     _column_median,
+    _ratios,
     compare_weights,
     compare_with_means,
     ratio_tolerance,
@@ -259,3 +263,234 @@ def test_an_interval_holds_its_ends() -> None:
     at_ends = np.where(lo > 0, lo, hi)  # f5's lower end, the upper end of the others
     got = scales_in_intervals({"c": at_ends}, {"c": fp})["c"]
     assert (got.within, got.live) == (4, 4)  # f0, f4, f5, f6
+
+
+# ---------------------------------------------------------------------------------------------
+# What compare prints and writes, word for word
+
+
+def test_table_and_json_word_for_word() -> None:
+    ok = LayerComparison("block1_conv1", np.array([0.5, 2.0, 1234.5678]), 1.5e-7, 0, 0, 36)
+    bad = LayerComparison("c2", np.array([], dtype=np.float64), 0.25, 1, 2, 10)
+    report = CompareReport((ok, bad), 1e-5, HeadComparison("fc1", 3e-7, False, 1),
+                           ("fc2/bias", "fc2/kernel"))  # fmt: skip
+    assert report.table().split("\n") == [
+        "layer                spread    neg  0-mism   min scale   max scale  ok",
+        "block1_conv1       1.50e-07      0       0         0.5        1235  yes",
+        "c2                 2.50e-01      1       2         nan         nan  NO",
+        "fc1                3.00e-07              1  bias CHANGED",
+        "changed outside the convs: fc2/bias, fc2/kernel",
+        "verdict: NOT a rescaling (tolerance 1.00e-05)",
+    ]
+    assert report.to_dict() == {
+        "is_rescaling": False, "tolerance": 1e-5,
+        "layers": [
+            {"name": "block1_conv1", "spread": 1.5e-7, "n_negative": 0, "n_zero_mismatch": 0,
+             "n_ratios": 36, "scales": [0.5, 2.0, 1234.5678]},
+            {"name": "c2", "spread": 0.25, "n_negative": 1, "n_zero_mismatch": 2, "n_ratios": 10,
+             "scales": []},
+        ],
+        "head": {"name": "fc1", "spread": 3e-7, "bias_equal": False, "n_zero_mismatch": 1},
+        "other_changed": ["fc2/bias", "fc2/kernel"], "missing": [],
+    }  # fmt: skip
+    good = CompareReport((ok,), 1e-6, HeadComparison("fc1", 0.0, True, 0))
+    assert good.table().split("\n")[2:] == [
+        "fc1                0.00e+00              0  bias equal",
+        "verdict: a per-filter positive rescaling (tolerance 1.00e-06)",
+    ]
+    missing = CompareReport((), 2e-6, None, (), ("c3/kernel", "fc1/kernel"))
+    assert missing.table().split("\n")[1:] == [
+        "missing: c3/kernel, fc1/kernel", "verdict: NOT a rescaling (tolerance 2.00e-06)"]
+    assert missing.to_dict() == {"is_rescaling": False, "tolerance": 2e-6, "layers": [],
+                                 "head": None, "other_changed": [],
+                                 "missing": ["c3/kernel", "fc1/kernel"]}  # fmt: skip
+
+
+def _gap_weights(seed: int) -> dict[str, np.ndarray]:
+    """tiny_weights with a global-pooling head: fc1 reads one row per last-conv channel."""
+    w = tiny_weights(seed)
+    w["fc1/kernel"] = w["fc1/kernel"][: WIDTHS[-1]]
+    return w
+
+
+def test_a_global_pooling_head_carries_the_last_scales_once_per_row() -> None:
+    a = _gap_weights(0)
+    scales = log_uniform_scales(CONVS, list(WIDTHS[1:]), 1)
+    b = rescale(a, scales)
+    b["fc1/kernel"] = (a["fc1/kernel"] * scales.values[CONVS[-1]][:, None]).astype(np.float32)
+    report = compare_weights(a, b, CONVS, "fc1", None)
+    assert report.is_rescaling, report.table()
+    assert report.head is not None and report.head.spread < report.tolerance
+    b["fc1/kernel"] = a["fc1/kernel"]  # left uncompensated
+    assert not compare_weights(a, b, CONVS, "fc1", None).is_rescaling
+    # a head of zeros has no ratio to compare: nothing deviates
+    a["fc1/kernel"] = b["fc1/kernel"] = np.zeros_like(a["fc1/kernel"])
+    zeros = compare_weights(a, b, CONVS, "fc1", None)
+    assert zeros.is_rescaling and zeros.head is not None and zeros.head.spread == 0.0
+
+
+def test_a_head_that_does_not_fit_is_refused_naming_it() -> None:
+    a = tiny_weights(0)
+    scales = log_uniform_scales(CONVS, list(WIDTHS[1:]), 1)
+    b = chw_rescale(a, scales)
+    with pytest.raises(ValueError, match=r"^head has 128 rows after global pooling, expected 32$"):
+        compare_weights(a, b, CONVS, "fc1", None)
+    with pytest.raises(ValueError, match=r"^head has 128 rows, expected 32 channels x 3 positions$"):
+        compare_weights(a, b, CONVS, "fc1", ("chw", 3))
+    wider = {**b, "fc1/kernel": np.zeros((128, 7), np.float32)}
+    with pytest.raises(ValueError, match=r"^fc1/kernel: shapes \(128, 6\) and \(128, 7\) differ$"):
+        compare_weights(a, wider, CONVS, "fc1", ("chw", HW))
+    flat = {**a, "fc1/kernel": a["fc1/kernel"][:, 0]}
+    with pytest.raises(ValueError, match=r"^fc1/kernel: shapes \(128,\) and \(128,\) differ$"):
+        compare_weights(flat, {**b, "fc1/kernel": b["fc1/kernel"][:, 0]}, CONVS, "fc1", ("chw", HW))
+
+
+def test_ratios_count_one_sided_zeros_and_sign_flips() -> None:
+    num = np.array([2.0, 0.0, 3.0, -4.0, 0.0, 1e-300])
+    den = np.array([1.0, 5.0, 0.0, 2.0, 0.0, 1e300])
+    ratio, mismatch, negative = _ratios(num, den)
+    np.testing.assert_array_equal(ratio, [2.0, np.nan, np.nan, -2.0, np.nan, 0.0])
+    # a ratio that underflows to 0 is tiny, not a sign flip
+    assert (mismatch, negative) == (2, 1)
+
+
+def test_the_tolerance_ignores_integer_arrays() -> None:
+    f32, i64 = np.dtype(np.float32), np.dtype(np.int64)
+    assert ratio_tolerance([f32, i64], 4) == ratio_tolerance([f32], 4) == 4 * 2.0**-24 * 6
+    assert ratio_tolerance([i64], 4) == 4 * 2.0**-53 * 6
+
+
+def test_a_spread_at_the_tolerance_passes() -> None:
+    at = LayerComparison("c", np.ones(2), 1e-5, 0, 0, 4)
+    assert at.ok(1e-5) and not at.ok(np.nextafter(1e-5, 0))
+
+
+def test_batchnorm_arrays_divided_like_the_bias_and_integer_counters() -> None:
+    a = tiny_weights(3)
+    rng = np.random.default_rng(4)
+    for name, c in zip(CONVS, WIDTHS[1:]):
+        for role in ("gamma", "beta", "moving_mean", "moving_variance"):
+            a[f"{name}_bn/{role}"] = rng.uniform(0.5, 2, c).astype(np.float32)
+        a[f"{name}_bn/num_batches_tracked"] = np.array(7, np.int64)
+    norms = {name: f"{name}_bn" for name in CONVS}
+    scales = log_uniform_scales(CONVS, list(WIDTHS[1:]), 1)
+    b = compensate_head(rescale(a, scales, norms=norms), "fc1", scales.values[CONVS[-1]], "chw")
+    assert b["c1_bn/beta"] is not a["c1_bn/beta"]  # the rescaling divided it
+    report = compare_weights(a, b, CONVS, "fc1", ("chw", HW), norms=norms)
+    assert report.is_rescaling, report.table()
+    assert report.tolerance == ratio_tolerance([np.dtype(np.float32)], len(CONVS))
+    # beta left undivided: its ratios are 1, not the filters' scales
+    undivided = {**b, "c2_bn/beta": a["c2_bn/beta"]}
+    bad = compare_weights(a, undivided, CONVS, "fc1", ("chw", HW), norms=norms)
+    assert not bad.is_rescaling and bad.layers[1].spread > 0.5 and not bad.other_changed
+
+
+def test_the_head_bias_must_be_unchanged_and_every_head_mismatch_counts() -> None:
+    a = tiny_weights(0)
+    scales = log_uniform_scales(CONVS, list(WIDTHS[1:]), 1)
+    b = chw_rescale(a, scales)
+    good = compare_weights(a, b, CONVS, "fc1", ("chw", HW))
+    assert good.head is not None and good.head.bias_equal
+    shifted = {**b, "fc1/bias": b["fc1/bias"] + np.float32(1e-3)}
+    report = compare_weights(a, shifted, CONVS, "fc1", ("chw", HW))
+    assert report.head is not None and not report.head.bias_equal and not report.is_rescaling
+    no_bias = {k: v for k, v in b.items() if k != "fc1/bias"}
+    report = compare_weights(a, no_bias, CONVS, "fc1", ("chw", HW))
+    assert report.head is not None and not report.head.bias_equal
+    both = compare_weights({k: v for k, v in a.items() if k != "fc1/bias"}, no_bias, CONVS, "fc1",
+                           ("chw", HW))  # fmt: skip
+    assert both.head is not None and both.head.bias_equal and both.is_rescaling
+    head = b["fc1/kernel"].copy()
+    head[0, 0], head[1, 0], head[2, 1] = 0.0, -head[1, 0], -head[2, 1]
+    report = compare_weights(a, {**b, "fc1/kernel": head}, CONVS, "fc1", ("chw", HW))
+    assert report.head is not None and report.head.n_zero_mismatch == 3
+
+
+def test_missing_kernels_are_reported_before_any_comparison() -> None:
+    a = tiny_weights(0)
+    b = {k: v for k, v in a.items() if k not in ("c3/kernel", "fc1/kernel")}
+    report = compare_weights(a, b, CONVS, "fc1", ("chw", HW))
+    assert report.missing == ("c3/kernel", "fc1/kernel") and not report.is_rescaling
+    assert report.to_dict() == {
+        "is_rescaling": False, "tolerance": ratio_tolerance([np.dtype(np.float32)], len(CONVS)),
+        "layers": [], "head": None, "other_changed": [], "missing": ["c3/kernel", "fc1/kernel"],
+    }  # fmt: skip
+    only_head = compare_weights(a, {k: v for k, v in a.items() if k != "fc1/kernel"}, CONVS, "fc1",
+                                ("chw", HW))  # fmt: skip
+    assert only_head.missing == ("fc1/kernel",)
+
+
+def test_scales_are_float64_quotients_and_the_subnormal_range_counts_as_zero() -> None:
+    f32 = np.finfo(np.float32)
+    a = {"c/kernel": np.array([[[[1.0, f32.tiny, 1e-40, 3.0]]]], np.float32)}
+    b = {"c/kernel": np.array([[[[3.0, f32.tiny, 0.0, 1.0]]]], np.float32)}
+    (layer,) = compare_weights(a, b, ["c"]).layers
+    # 1/3 in float64, not float32's; the smallest normal float32 is a value, a subnormal is 0
+    np.testing.assert_array_equal(layer.scales, [1.0 / 3.0, 1.0, 1.0, 3.0])
+    assert (layer.n_ratios, layer.n_zero_mismatch, layer.n_negative) == (3, 0, 0)
+
+
+def test_keys_in_one_set_only_are_reported_as_changed() -> None:
+    a = tiny_weights(0)
+    b = {**a, "extra/x": np.zeros(2, np.float32)}
+    del b["fc2/kernel"]
+    report = compare_weights(a, b, CONVS, "fc1", ("chw", HW))
+    assert report.other_changed == ("extra/x", "fc2/kernel") and not report.is_rescaling
+
+
+def test_kernels_that_do_not_chain_are_refused_naming_them() -> None:
+    a = tiny_weights(0)
+    with pytest.raises(ValueError, match=r"^c4: 16 inputs, previous conv has 8$"):
+        compare_weights(a, a, ["c1", "c4"])
+    flat = {"c/kernel": np.ones((2, 3), np.float32)}
+    with pytest.raises(ValueError, match=r"^c/kernel: shapes \(2, 3\) and \(2, 3\) differ or are not 4-D$"):
+        compare_weights(flat, flat, ["c"])
+    with pytest.raises(ValueError, match=r"^c1/kernel: shapes \(3, 3, 3, 8\) and \(3, 3, 3, 9\) differ"):
+        compare_weights(a, {**a, "c1/kernel": np.ones((3, 3, 3, 9), np.float32)}, ["c1"])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 64, 101, 600])
+@pytest.mark.parametrize("columns", [0, 1, 3])
+def test_column_median_of_any_count_of_rows_and_columns(rows: int, columns: int) -> None:
+    """Equal counts per column (the partial-sort path) at sizes the drawn cases rarely reach:
+    one filter, no filter, hundreds of ratios, odd and even."""
+    values = np.random.default_rng(rows * 10 + columns).standard_normal((rows, columns))
+    counts = np.full(columns, rows, dtype=np.intp)
+    expected = np.median(values, axis=0)
+    assert np.array_equal(_column_median(values, counts), expected)
+
+
+def test_filters_without_kernel_ratios_take_the_bias_s_or_one() -> None:
+    """Per filter: an ordinary one (2), a zero kernel with a bias (4), zeros only (1), a sign
+    flip (counted, kept at 1 to keep the chain positive), a ratio that underflows to 0 (1)."""
+    a = {"c/kernel": np.array([[[[2.0, 0.0, 0.0, -3.0, 1e-300]]]]),
+         "c/bias": np.array([4.0, 8.0, 0.0, 3.0, 0.0])}  # fmt: skip
+    b = {"c/kernel": np.array([[[[1.0, 0.0, 0.0, 1.0, 1e300]]]]),
+         "c/bias": np.array([2.0, 2.0, 0.0, 1.0, 0.0])}  # fmt: skip
+    (layer,) = compare_weights(a, b, ["c"]).layers
+    np.testing.assert_array_equal(layer.scales, [2.0, 4.0, 1.0, 1.0, 1.0])
+    assert (layer.n_negative, layer.n_zero_mismatch, layer.n_ratios) == (1, 0, 6)
+    zeros = {"c/kernel": np.zeros((1, 1, 1, 2)), "c/bias": np.zeros(2)}
+    (layer,) = compare_weights(zeros, zeros, ["c"]).layers
+    assert layer.spread == 0.0 and layer.n_ratios == 0
+    np.testing.assert_array_equal(layer.scales, [1.0, 1.0])
+
+
+def test_bias_and_batchnorm_zeros_and_sign_flips_count() -> None:
+    k = np.ones((1, 1, 1, 3))
+    a = {"c/kernel": k, "c/bias": np.array([1.0, 0.0, 1.0]),
+         "n/beta": np.array([1.0, 1.0, 0.0]), "n/moving_mean": np.array([1.0, -1.0, 1.0])}  # fmt: skip
+    b = {"c/kernel": k, "c/bias": np.array([1.0, 1.0, 1.0]),
+         "n/beta": np.array([1.0, 1.0, 1.0]), "n/moving_mean": np.array([1.0, 1.0, 1.0])}  # fmt: skip
+    (layer,) = compare_weights(a, b, ["c"], norms={"c": "n"}).layers
+    assert (layer.n_zero_mismatch, layer.n_negative) == (2, 1)
+
+
+def test_a_bias_or_batchnorm_array_one_set_lacks_is_reported() -> None:
+    k = np.ones((1, 1, 1, 2))
+    a = {"c/kernel": k, "c/bias": np.ones(2), "n/beta": np.ones(2), "n/moving_mean": np.ones(2)}
+    for key in ("c/bias", "n/beta"):
+        b = {name: v for name, v in a.items() if name != key}
+        for x, y in ((a, b), (b, a)):
+            report = compare_weights(x, y, ["c"], norms={"c": "n"})
+            assert report.other_changed == (key,) and not report.is_rescaling

@@ -311,6 +311,66 @@ def test_impossible_sums_are_refused_word_for_word(
     validate(replace(record, layers=(_plain([1.0], [1.0], 1),)), "s.h5")  # one value: fine
 
 
+def _with_moments(sum_: list[float], sumsq: list[float], images: int) -> LayerStats:
+    """Plain sums that pass (four values per filter, each the filter's per-image sum) with
+    these per-image moments."""
+    sums = np.full(len(sum_), 4.0)
+    return LayerStats("a", sums, sums * sums, 4, ImageMoments(np.array(sum_), np.array(sumsq), images))
+
+
+@pytest.mark.parametrize(
+    ("layer", "reason"),
+    [
+        (_with_moments([1.0, np.nan], [1.0, 1.0], 4), "NaN or infinite per-image sums"),
+        (_with_moments([1.0, 1.0], [1.0, np.inf], 4), "NaN or infinite per-image sums"),
+        (_with_moments([-1.0, 1.0], [1.0, 1.0], 4), "negative per-image sums"),
+        (_with_moments([1.0, 1.0], [1.0, -1.0], 4), "negative per-image sums"),
+        (_with_moments([1.0], [1.0], 8), "per-image sums over 8 images, but 4 images counted"),
+        # sum 4 over 4 images needs sumsq >= 4; 3 is 13% short (within twice the bound)
+        (_with_moments([4.0, 0.0], [3.0, 0.0], 4),
+         r"per-image sums of squares too small for the sums \(sum\^2 > images \* sumsq\)"),
+    ],
+)
+def test_impossible_per_image_sums_are_refused_word_for_word(layer: LayerStats, reason: str) -> None:
+    from vggnorm.core.statsrecord import validate
+
+    with pytest.raises(StatsError, match=rf"^s.h5: layer a: {reason}; the stats file is damaged$"):
+        validate(_record((layer,), 4), "s.h5")
+
+
+def test_per_image_sums_at_the_cauchy_schwarz_bound_pass() -> None:
+    """Images with equal means meet sum^2 = images * sumsq exactly (up to rounding, far inside
+    the slack); a dead filter's zeros, and means whose squares underflow to 0, pass too."""
+    from vggnorm.core.statsrecord import validate
+
+    means = np.array([[0.1, 0.0, 1e-170, 7.3]] * 3)
+    layer = _layer(means, name="a")
+    assert layer.per_image is not None and layer.per_image.sumsq[2] == 0.0
+    validate(_record((layer,), 3), "s.h5")
+    # 2e-6 relative past the bound is refused: the slack is 1e-6
+    past = ImageMoments(layer.per_image.sum * (1 + 2e-6), layer.per_image.sumsq, 3)
+    with pytest.raises(StatsError, match="per-image sums of squares too small"):
+        validate(_record((LayerStats("a", layer.sum, layer.sumsq, layer.count, past),), 3), "s.h5")
+
+
+def test_summary_word_for_word() -> None:
+    from dataclasses import replace
+
+    from vggnorm.core.statsrecord import layer_summary, precision_lines, summary_line
+
+    record = _record((_layer(np.array([[0.5, 2.0], [1.5, 4.0]]), name="a"),), 2)
+    rows = [summary_line(row) for row in layer_summary(record)]
+    assert record.summary() == ["vgg16: 2 images counted, skipped: none", *rows,
+                                *precision_lines(record)]  # fmt: skip
+    skipped = (("x.jpg", "unreadable", "truncated"), ("y.gif", "unreadable", "no frame"),
+               ("z.png", "too small", "8x8"))  # fmt: skip
+    assert replace(record, skipped=skipped).summary()[0] == (
+        "vgg16: 2 images counted, skipped: 1 too small, 2 unreadable")
+    old = replace(record, layers=(replace(record.layers[0], per_image=None),))
+    assert precision_lines(old) == [
+        "precision: unknown (a version-1 stats file keeps no per-image sums)"]
+
+
 def test_layers_that_counted_one_value_are_used_and_none_refused() -> None:
     from dataclasses import replace
 

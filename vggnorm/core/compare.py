@@ -286,11 +286,12 @@ def _missing(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], layers: S
 
 
 def _changed(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], touched: set[str]) -> tuple[str, ...]:
-    """Keys outside ``touched`` that differ between the sets (or are in one only)."""
+    """Keys in one set only (a bias the other set lacks, too), and keys outside ``touched``
+    that differ between the sets."""
     return tuple(sorted(
         k for k in set(a) | set(b)
-        if k not in touched
-        and (k not in a or k not in b or not np.array_equal(np.asarray(a[k]), np.asarray(b[k])))
+        if k not in a or k not in b
+        or (k not in touched and not np.array_equal(np.asarray(a[k]), np.asarray(b[k])))
     ))  # fmt: skip
 
 

@@ -44,7 +44,7 @@ class LayerEntry:
 
     def __post_init__(self) -> None:
         if not self.roles:
-            object.__setattr__(self, "roles", roles_of(self.name, self.datasets, self.shapes))
+            object.__setattr__(self, "roles", roles_of(self.datasets, self.shapes))
 
     def keys(self) -> tuple[str, ...]:
         """Array keys: ``<name>/<role>``."""
@@ -65,7 +65,6 @@ def _stored_role(dataset: str) -> str | None:
 
 
 def roles_of(
-    name: str,
     datasets: tuple[str, ...],
     shapes: tuple[tuple[int, ...], ...],
     bn: tuple[bool, bool] | None = None,
@@ -130,8 +129,5 @@ class WeightSet:
 
 
 def suffix_of(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (".weights.h5", ".keras", ".h5", ".hdf5"):
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix.lower()
+    """The file's suffix in lower case; Keras 3's ``.weights.h5`` counts as one."""
+    return ".weights.h5" if path.name.lower().endswith(".weights.h5") else path.suffix.lower()

@@ -134,7 +134,7 @@ def _entry(f: Any, name: str, paths: list[str], bn: BnFlags) -> LayerEntry:
             raise WeightFileError(f"{f.filename}: {p} is not a dataset")
         shapes.append(tuple(int(n) for n in ds.shape))
         dtypes.append(str(ds.dtype))
-    roles = roles_of(name, tuple(paths), tuple(shapes), bn.get(name))
+    roles = roles_of(tuple(paths), tuple(shapes), bn.get(name))
     return LayerEntry(name, tuple(paths), tuple(shapes), tuple(dtypes), roles)
 
 
