@@ -375,7 +375,11 @@ def test_batchnorm_arrays_divided_like_the_bias_and_integer_counters() -> None:
     norms = {name: f"{name}_bn" for name in CONVS}
     scales = log_uniform_scales(CONVS, list(WIDTHS[1:]), 1)
     b = compensate_head(rescale(a, scales, norms=norms), "fc1", scales.values[CONVS[-1]], "chw")
-    assert b["c1_bn/beta"] is not a["c1_bn/beta"]  # the rescaling divided it
+    # the rescaling divided beta and the moving mean like the bias, and left gamma alone
+    m = scales.values["c1"]
+    for role in ("beta", "moving_mean"):
+        np.testing.assert_array_equal(b[f"c1_bn/{role}"], (a[f"c1_bn/{role}"] / m).astype(np.float32))
+    np.testing.assert_array_equal(b["c1_bn/gamma"], a["c1_bn/gamma"])
     report = compare_weights(a, b, CONVS, "fc1", ("chw", HW), norms=norms)
     assert report.is_rescaling, report.table()
     assert report.tolerance == ratio_tolerance([np.dtype(np.float32)], len(CONVS))
@@ -430,12 +434,16 @@ def test_scales_are_float64_quotients_and_the_subnormal_range_counts_as_zero() -
     assert (layer.n_ratios, layer.n_zero_mismatch, layer.n_negative) == (3, 0, 0)
 
 
-def test_keys_in_one_set_only_are_reported_as_changed() -> None:
-    a = tiny_weights(0)
-    b = {**a, "extra/x": np.zeros(2, np.float32)}
+def test_keys_in_one_set_only_are_missing_and_keys_in_both_changed() -> None:
+    a = {**tiny_weights(0), "extra/y": np.zeros(2, np.float32)}
+    b = {**a, "extra/x": np.zeros(2, np.float32), "extra/y": np.ones(2, np.float32)}
     del b["fc2/kernel"]
     report = compare_weights(a, b, CONVS, "fc1", ("chw", HW))
-    assert report.other_changed == ("extra/x", "fc2/kernel") and not report.is_rescaling
+    assert report.missing == ("extra/x", "fc2/kernel") and not report.is_rescaling
+    assert report.other_changed == ("extra/y",)
+    assert len(report.layers) == len(CONVS)  # the convs were compared all the same
+    assert report.table().split("\n")[-3:-1] == ["changed outside the convs: extra/y",
+                                                 "missing: extra/x, fc2/kernel"]  # fmt: skip
 
 
 def test_kernels_that_do_not_chain_are_refused_naming_them() -> None:
@@ -493,4 +501,5 @@ def test_a_bias_or_batchnorm_array_one_set_lacks_is_reported() -> None:
         b = {name: v for name, v in a.items() if name != key}
         for x, y in ((a, b), (b, a)):
             report = compare_weights(x, y, ["c"], norms={"c": "n"})
-            assert report.other_changed == (key,) and not report.is_rescaling
+            assert report.missing == (key,) and not report.is_rescaling
+            assert report.other_changed == () and report.layers[0].ok(report.tolerance)

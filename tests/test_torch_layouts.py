@@ -390,3 +390,183 @@ def test_new_layout_refusals_name_what_was_found(shapes: dict[str, tuple[int, ..
     with pytest.raises(WeightFileError) as info:
         detect_arch(shapes, detect_layout(shapes))
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the refusals say, word for word (the mutation study: docs/testing.md)
+
+_KNOWN = ("not a known PyTorch VGG state dict (torchvision features.N/classifier.N, timm "
+          "features.N/pre_logits/head, model.features N.weight, Gatys convB_I, AdaIN): found ")  # fmt: skip
+_TV16 = state_shapes("torchvision", "vgg16")
+
+
+@pytest.mark.parametrize(
+    ("shapes", "layout", "message"),
+    [
+        ({"fc.weight": (10, 512)}, None, _KNOWN + "1 keys (fc.weight)"),
+        ({f"k{i}": (1,) for i in (5, 1, 0, 3, 2, 4)}, None, _KNOWN + "6 keys (k0, k1, k2, k3, ...)"),
+        ({f"k{i}": (1,) for i in range(4)}, None, _KNOWN + "4 keys (k0, k1, k2, k3)"),
+        ({}, None, _KNOWN + "no keys"),
+        ({"0.weight": (64, 3, 3, 3), "fc.weight": (10, 64)}, None,
+         _KNOWN + "2 keys (0.weight, fc.weight)"),
+        ({"0.weight": (64, 4, 3, 3), "0.bias": (64,)}, None, "a bare nn.Sequential whose 0.weight "
+         "has shape (64, 4, 3, 3): neither AdaIN's 1x1 input conv (3, 3, 1, 1) nor a VGG's first "
+         "conv (reading 3 channels)"),
+        (_TV16 | {"features.31.bias": (2,), "features.30.weight": (10,)}, "torchvision",
+         "torchvision vgg16: unexpected keys 2 keys (features.30.weight, features.31.bias)"),
+        ({k: v for k, v in _TV16.items() if k != "features.28.bias"}, "torchvision",
+         "torchvision vgg16: missing 'features.28.bias'"),
+        (_TV16 | {"features.2.weight": (64, 64, 5, 5)}, "torchvision",
+         "torchvision vgg16: features.2.weight has shape (64, 64, 5, 5), expected (64, 64, 3, 3)"),
+        ({k: v for k, v in _TV16.items() if not k.startswith(("features.26", "features.28"))},
+         "torchvision", "torchvision state dict with 11 convs: expected 13 (VGG16) or 16 (VGG19)"),
+        (_TV16 | {"classifier.0.weight": (16, 500), "classifier.0.bias": (16,)}, "torchvision",
+         "torchvision vgg16: partial head, missing ['classifier.3.bias', 'classifier.3.weight', "
+         "'classifier.6.bias', 'classifier.6.weight']"),
+        (state_shapes("torchvision", "vgg16", 500), "torchvision", "torchvision vgg16: classifier.0 "
+         "reads 500 inputs, not a multiple of the last conv's 512 filters"),
+        (state_shapes("torchvision", "vgg16", 512 * 49) | {"classifier.0.weight": (16, 512, 49)},
+         "torchvision", "torchvision vgg16: classifier.0.weight has shape (16, 512, 49), expected "
+         "(units, inputs)"),
+        (state_shapes("torchvision", "vgg16", 512 * 49) | {"classifier.0.weight": (16,)},
+         "torchvision", "torchvision vgg16: classifier.0.weight has shape (16,), expected "
+         "(units, inputs)"),
+        (_TV16 | timm_head() | {"pre_logits.fc1.weight": (16,)}, "timm",
+         "timm vgg16: pre_logits.fc1.weight has shape (16,), expected (units, 512, k, k)"),
+        (_TV16 | timm_head() | {"pre_logits.fc1.weight": (16, 512, 7, 6)}, "timm",
+         "timm vgg16: pre_logits.fc1.weight has shape (16, 512, 7, 6), expected (units, 512, k, k)"),
+        (_TV16 | timm_head() | {"pre_logits.fc1.weight": (16, 512 * 49)}, "timm",
+         "timm vgg16: pre_logits.fc1.weight has shape (16, 25088), expected (units, 512, k, k)"),
+        (_TV16 | timm_head() | {"pre_logits.fc1.weight": (16, 256, 7, 7)}, "timm",
+         "timm vgg16: pre_logits.fc1.weight has shape (16, 256, 7, 7), expected (units, 512, k, k)"),
+    ],
+)  # fmt: skip
+def test_refusals_word_for_word(shapes: dict[str, tuple[int, ...]], layout: str | None,
+                                message: str) -> None:  # fmt: skip
+    with pytest.raises(WeightFileError) as info:
+        detect_arch(shapes, layout) if layout else detect_layout(shapes)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_row_permutation_and_head_refusals_word_for_word() -> None:
+    with pytest.raises(ValueError) as info:
+        convert_flatten_rows(np.zeros((5, 2)), 2, "chw", "hwc")
+    assert str(info.value) == "5 rows is not a multiple of 2 channels"
+    with pytest.raises(ValueError) as info:
+        convert_flatten_rows(np.zeros((4, 2)), 0, "chw", "hwc")
+    assert str(info.value) == "4 rows is not a multiple of 0 channels"
+    for src, dst in (("CHW", "hwc"), ("chw", None), ("hwc", "hwc ")):
+        with pytest.raises(ValueError) as info:
+            convert_flatten_rows(np.zeros((4, 2)), 2, src, dst)  # type: ignore[arg-type]
+        bad = src if src not in ("chw", "hwc") else dst
+        assert str(info.value) == f"flatten order {bad!r}: expected 'chw' or 'hwc'"
+    with pytest.raises(ValueError) as info:
+        compensate_head({"fc2/kernel": np.ones((2, 2))}, "fc1", [1.0], "chw")
+    assert str(info.value) == "weights have no 'fc1/kernel'"
+
+
+def test_export_without_a_source_writes_the_stock_order_and_fresh_counters() -> None:
+    shapes = bn_shapes("vgg16") | {k: v for k, v in state_shapes("torchvision", "vgg16", 512 * 49).items()
+                                   if k.startswith("classifier")}  # fmt: skip
+    state = random_state({k: v for k, v in shapes.items() if not k.endswith("tracked")})
+    state |= {k: np.array(9, np.int64) for k in shapes if k.endswith("tracked")}
+    canonical = to_canonical(state, "torchvision_bn", "vgg16")
+    fresh = from_canonical(canonical, "torchvision_bn", "vgg16")
+    assert list(fresh) == list(shapes)  # conv, its BatchNorm (with its counter), ..., the head
+    for key, value in fresh.items():
+        if key.endswith("tracked"):  # a new file has counted no batches
+            assert value.dtype == np.int64 and value.shape == () and value == 0, key
+        else:
+            assert value.dtype == state[key].dtype and np.array_equal(value, state[key]), key
+        # new C-ordered arrays, never views of the canonical ones (a bias is stored as it is)
+        assert value.flags.c_contiguous, key
+        assert not any(np.may_share_memory(value, c) for c in canonical.values()), key
+    convs_only = from_canonical(to_canonical(state, "torchvision_bn", "vgg16", head=False),
+                                "torchvision_bn", "vgg16")  # fmt: skip
+    assert list(convs_only) == [k for k in shapes if not k.startswith("classifier")]
+
+
+def test_a_head_left_out_passes_through_from_the_source() -> None:
+    state = random_state(state_shapes("torchvision", "vgg16", 512 * 49))
+    canonical = to_canonical(state, "torchvision", "vgg16", head=False)
+    assert not any(k.startswith(("fc", "predictions")) for k in canonical)
+    back = from_canonical(canonical, "torchvision", "vgg16", source=state)
+    assert list(back) == list(state)
+    assert all(back[k] is state[k] for k in state if k.startswith("classifier"))
+    # a conv the canonical arrays lack is refused, the head's absence is not
+    del canonical["block3_conv2/bias"]
+    with pytest.raises(WeightFileError) as info:
+        from_canonical(canonical, "torchvision", "vgg16", source=state)
+    assert str(info.value) == "torchvision vgg16: canonical arrays lack 'block3_conv2/bias'"
+
+
+def test_from_canonical_names_the_shape_it_refuses() -> None:
+    state = random_state(state_shapes("gatys", "vgg16"))
+    canonical = to_canonical(state, "gatys", "vgg16")
+    canonical["block1_conv1/bias"] = np.zeros(65, np.float32)
+    with pytest.raises(WeightFileError) as info:
+        from_canonical(canonical, "gatys", "vgg16", source=state)
+    assert str(info.value) == ("gatys vgg16: block1_conv1/bias gives conv1_1.bias shape (65,), "
+                               "the source has (64,)")  # fmt: skip
+
+
+def test_row_permutations_and_compensation_copy_and_keep_the_dtype() -> None:
+    k = np.arange(12, dtype=np.float32).reshape(6, 2)
+    same = convert_flatten_rows(k, 3, "chw", "chw")
+    assert np.array_equal(same, k) and not np.shares_memory(same, k)
+    moved = convert_flatten_rows(k, 3, "chw", "hwc")  # 3 channels x 2 positions
+    assert moved[:, 0].tolist() == [0.0, 4.0, 8.0, 2.0, 6.0, 10.0] and moved.flags.c_contiguous
+    # one position (the permutation is the identity, and reshaping could return a view) and a
+    # Fortran-ordered kernel: still a new C-ordered array, in either direction
+    f = np.asfortranarray(k)
+    for src, dst in (("chw", "hwc"), ("hwc", "chw"), ("hwc", "hwc"), ("chw", "chw")):
+        for kernel, channels in ((k, 6), (f, 6), (f, 3)):
+            out = convert_flatten_rows(kernel, channels, src, dst)  # type: ignore[arg-type]
+            assert out.flags.c_contiguous and not np.shares_memory(out, kernel)
+            assert np.array_equal(out, kernel if channels == 6 or src == dst else moved if
+                                  src == "chw" else keras_rows_to_torch(k, 3))  # fmt: skip
+    assert np.array_equal(torch_rows_to_keras(k, 3), moved)
+    assert np.array_equal(keras_rows_to_torch(moved, 3), k)
+    w = {"fc1/kernel": k.copy(), "fc1/bias": np.ones(2, np.float32)}
+    out = compensate_head(w, "fc1", [1.0, 2.0, 4.0], "chw")
+    assert out["fc1/kernel"].dtype == np.float32 and np.array_equal(w["fc1/kernel"], k)
+    assert out["fc1/kernel"][:, 0].tolist() == [0.0, 2.0, 8.0, 12.0, 32.0, 40.0]
+    back = compensate_head(out, "fc1", [1.0, 2.0, 4.0], "chw", inverse=True)
+    assert np.array_equal(back["fc1/kernel"], k)
+
+
+def test_timm_head_with_a_narrower_second_layer_exports_its_shapes() -> None:
+    """timm's ConvMlp makes fc2 (out, hidden, 1, 1), square only when mlp_ratio is 1."""
+    head = timm_head() | {"pre_logits.fc2.weight": (8, 16, 1, 1), "pre_logits.fc2.bias": (8,),
+                          "head.fc.weight": (10, 8)}  # fmt: skip
+    shapes = state_shapes("torchvision", "vgg16") | head
+    assert detect_arch(shapes, detect_layout(shapes)) == "vgg16"
+    state = random_state(shapes)
+    canonical = to_canonical(state, "timm", "vgg16")
+    assert canonical["fc2/kernel"].shape == (16, 8)
+    fresh = from_canonical(canonical, "timm", "vgg16")  # an export: shapes from the arrays alone
+    assert {k: v.shape for k, v in fresh.items()} == shapes
+    assert all(np.array_equal(fresh[k], state[k]) for k in state)
+
+
+def test_to_canonical_copies_converts_the_head_present_and_names_a_missing_conv() -> None:
+    from vggnorm.core.torch_layouts import KeySpec
+
+    state = random_state(state_shapes("torchvision", "vgg16", 512 * 49))
+    canonical = to_canonical(state, "torchvision", "vgg16")
+    for key, value in canonical.items():  # biases too: new arrays, never views of the file's
+        assert value.flags.c_contiguous and not any(np.may_share_memory(value, v) for v in state.values()), key
+    # the head where present: the layers after a missing one are still converted
+    partial = {k: v for k, v in state.items() if not k.startswith("classifier.0")}
+    out = to_canonical(partial, "torchvision", "vgg16")
+    assert sorted(k for k in out if not k.startswith("block")) == [
+        "fc2/bias", "fc2/kernel", "predictions/bias", "predictions/kernel"]
+    assert sorted(to_canonical(state, "torchvision", "vgg16", head=False)) == sorted(
+        k for k in canonical if k.startswith("block"))
+    del partial["features.5.bias"]
+    with pytest.raises(WeightFileError) as info:
+        to_canonical(partial, "torchvision", "vgg16")
+    assert str(info.value) == "torchvision vgg16: missing 'features.5.bias'"
+    with pytest.raises(ValueError) as bad:
+        KeySpec("x.weight", "matrix")  # type: ignore[arg-type]
+    assert str(bad.value) == "x.weight: unknown kind 'matrix'"

@@ -253,10 +253,10 @@ def compare_weights(
         >>> r.is_rescaling, r.scales["c"].tolist()
         (True, [2.0, 4.0])
     """
-    missing = _missing(a, b, [*conv_layers, *([head_dense] if head_dense else [])])
+    missing = _missing(a, b)
     dtypes = [np.asarray(v).dtype for m in (a, b) for v in m.values()]
     tolerance = ratio_tolerance(dtypes, len(conv_layers))
-    if missing:
+    if {f"{n}/kernel" for n in [*conv_layers, head_dense] if n} & set(missing):  # no layer to compare
         return CompareReport((), tolerance, None, (), missing)
     tiny = min(float(np.finfo(d).tiny) for d in dtypes if np.issubdtype(d, np.floating))
     layers: list[LayerComparison] = []
@@ -271,7 +271,7 @@ def compare_weights(
     if head_dense is not None and prev is not None:
         head = _compare_head(a, b, head_dense, prev, flatten, tiny)
         touched |= {f"{head_dense}/kernel", f"{head_dense}/bias"}
-    return CompareReport(tuple(layers), tolerance, head, _changed(a, b, touched), ())
+    return CompareReport(tuple(layers), tolerance, head, _changed(a, b, touched), missing)
 
 
 def _like_bias(norm: str | None) -> tuple[str, ...]:
@@ -279,19 +279,16 @@ def _like_bias(norm: str | None) -> tuple[str, ...]:
     return (f"{norm}/beta", f"{norm}/moving_mean") if norm else ()
 
 
-def _missing(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], layers: Sequence[str]) -> tuple[str, ...]:
-    """The kernels of ``layers`` that one of the two sets lacks."""
-    keys = (f"{name}/kernel" for name in layers)
-    return tuple(sorted(k for k in keys if k not in a or k not in b))
+def _missing(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """The keys that one of the two sets lacks (a kernel, a bias, a BatchNorm array, any)."""
+    return tuple(sorted(set(a) ^ set(b)))
 
 
 def _changed(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], touched: set[str]) -> tuple[str, ...]:
-    """Keys in one set only (a bias the other set lacks, too), and keys outside ``touched``
-    that differ between the sets."""
+    """Keys in both sets, outside ``touched``, whose arrays differ."""
     return tuple(sorted(
-        k for k in set(a) | set(b)
-        if k not in a or k not in b
-        or (k not in touched and not np.array_equal(np.asarray(a[k]), np.asarray(b[k])))
+        k for k in set(a) & set(b)
+        if k not in touched and not np.array_equal(np.asarray(a[k]), np.asarray(b[k]))
     ))  # fmt: skip
 
 

@@ -37,10 +37,11 @@ the same code as VGG16.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -150,6 +151,10 @@ class KeySpec:
     key: str
     kind: Kind
     in_channels: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(Kind):
+            raise ValueError(f"{self.key}: unknown kind {self.kind!r}")
 
 
 def norm_layer(conv: str) -> str:
@@ -287,6 +292,9 @@ def passthrough_keys(layout: Layout, arch_name: str) -> tuple[str, ...]:
 
 
 def _summary(keys: Sequence[str], limit: int = 4) -> str:
+    """``"6 keys (a, b, c, d, ...)"``: how many, and the first ``limit`` in sorted order."""
+    if not keys:
+        return "no keys"
     shown = ", ".join(sorted(keys)[:limit])
     return f"{len(keys)} keys ({shown}{', ...' if len(keys) > limit else ''})"
 
@@ -372,14 +380,17 @@ def _expected_head(
         raise WeightFileError(f"{where}: partial head, missing {sorted(set(needed) - set(present))}")
     last = arch.convs[-1].filters
     first = tuple(shapes[head[f"{arch.first_dense}/kernel"]])
-    reads = first[1] if len(first) > 1 else 0
-    if timm and (len(first) != 4 or reads != last or first[2] != first[3]):
+    if timm and (len(first) != 4 or first[1] != last or first[2] != first[3]):
         raise WeightFileError(
             f"{where}: pre_logits.fc1.weight has shape {first}, expected (units, {last}, k, k)"
         )
-    if not timm and (len(first) != 2 or reads % last):
+    if not timm and len(first) != 2:
         raise WeightFileError(
-            f"{where}: classifier.0 reads {reads} inputs, not a multiple of the last conv's "
+            f"{where}: classifier.0.weight has shape {first}, expected (units, inputs)"
+        )
+    if not timm and first[1] % last:
+        raise WeightFileError(
+            f"{where}: classifier.0 reads {first[1]} inputs, not a multiple of the last conv's "
             f"{last} filters"
         )
     return {k: tuple(shapes[k]) for k in present}
@@ -441,7 +452,7 @@ def _to_theirs(w: np.ndarray, spec: KeySpec) -> np.ndarray:
         w = w.T
     elif spec.kind == "conv_linear":
         channels = spec.in_channels or w.shape[0]
-        side = int(round((w.shape[0] // channels) ** 0.5))
+        side = math.isqrt(w.shape[0] // channels)
         w = w.T.reshape(w.shape[1], channels, side, side)
     return np.array(w, order="C", copy=True)
 
@@ -478,23 +489,23 @@ def to_canonical(
     return out
 
 
-def _fresh_order(
+def _fresh_state(
     canonical: Mapping[str, np.ndarray], layout: Layout, arch_name: str
-) -> dict[str, np.ndarray]:
-    """Without a source file: the keys in network order, the published fixed tensors
-    (AdaIN's input conv) and fresh ``num_batches_tracked`` counters, as placeholders."""
-    specs = key_specs(layout, arch_name)
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Without a source file: the state dict's keys in network order, and the tensors that no
+    canonical array gives: the published fixed ones (AdaIN's input conv) and a fresh
+    ``num_batches_tracked`` counter for every BatchNorm."""
     heads = head_key_map(layout, arch_name)
-    tracked = {k.removesuffix("num_batches_tracked") for k in passthrough_keys(layout, arch_name)}
-    order: dict[str, np.ndarray] = dict(ADAIN_INPUT_CONV) if layout == "adain" else {}
-    for ours, spec in specs.items():
+    fixed: dict[str, np.ndarray] = dict(ADAIN_INPUT_CONV) if layout == "adain" else {}
+    keys = list(fixed)
+    for ours, spec in key_specs(layout, arch_name).items():
         if ours in canonical or ours not in heads:
-            order[spec.key] = np.empty(0)
-        if spec.key.endswith("running_var") and spec.key.removesuffix("running_var") in tracked:
-            order[spec.key.removesuffix("running_var") + "num_batches_tracked"] = np.zeros(
-                (), np.int64
-            )
-    return order
+            keys.append(spec.key)
+        if spec.key.endswith(".running_var"):
+            counter = spec.key.removesuffix("running_var") + "num_batches_tracked"
+            fixed[counter] = np.zeros((), np.int64)
+            keys.append(counter)
+    return keys, fixed
 
 
 def from_canonical(
@@ -519,28 +530,27 @@ def from_canonical(
 
     Raises:
         WeightFileError: a canonical array is missing or its shape differs from ``source``'s.
-
-    Example:
-        >>> sd = {"conv1_1.weight": np.zeros((64, 3, 3, 3), np.float32)}  # doctest: +SKIP
-        >>> from_canonical(to_canonical(sd, "gatys", "vgg16"), "gatys", "vgg16", sd)  # doctest: +SKIP
     """
     specs = key_specs(layout, arch_name)
     inverse = {spec.key: ours for ours, spec in specs.items()}
     heads = head_key_map(layout, arch_name)
-    given = source if source is not None else _fresh_order(canonical, layout, arch_name)
+    if source is not None:
+        keys, kept = list(source), source
+    else:
+        keys, kept = _fresh_state(canonical, layout, arch_name)
     out: dict[str, np.ndarray] = {}
-    for key, stored in given.items():
+    for key in keys:
         ours = inverse.get(key)
         if ours is None or (ours not in canonical and ours in heads and source is not None):
-            out[key] = stored
+            out[key] = kept[key]
             continue
         if ours not in canonical:
             raise WeightFileError(f"{layout} {arch_name}: canonical arrays lack {ours!r}")
         w = _to_theirs(np.asarray(canonical[ours]), specs[ours])
-        if source is not None and w.shape != np.shape(stored):
+        if source is not None and w.shape != np.shape(source[key]):
             raise WeightFileError(
                 f"{layout} {arch_name}: {ours} gives {key} shape {w.shape}, "
-                f"the source has {np.shape(stored)}"
+                f"the source has {np.shape(source[key])}"
             )
         out[key] = w
     return out
@@ -561,13 +571,17 @@ def convert_flatten_rows(
         A new C-contiguous array, rows in ``dst`` order.
 
     Raises:
-        ValueError: rows not a multiple of ``channels``.
+        ValueError: rows not a multiple of ``channels``, or an order other than ``"chw"`` and
+            ``"hwc"``.
 
     Example:
         >>> k = np.arange(4.0)[:, None]  # rows (c0p0, c0p1, c1p0, c1p1) in chw order
         >>> convert_flatten_rows(k, 2, "chw", "hwc").ravel().tolist()
         [0.0, 2.0, 1.0, 3.0]
     """
+    for order in (src, dst):
+        if order not in ("chw", "hwc"):
+            raise ValueError(f"flatten order {order!r}: expected 'chw' or 'hwc'")
     rows = kernel.shape[0]
     if channels <= 0 or rows % channels:
         raise ValueError(f"{rows} rows is not a multiple of {channels} channels")
