@@ -1,7 +1,7 @@
 """The mutation study (docs/testing.md): mutmut mutates the pure core and verify's judging code,
 module by module, runs the fast lane against each mutant and prints the kill rate per module.
 
-    .venv/bin/python scripts/mutation.py                     # every module: about an hour on 2 cores
+    .venv/bin/python scripts/mutation.py                     # every module: 54 min on 2 cores
     .venv/bin/python scripts/mutation.py rescale verdicts    # some modules
     .venv/bin/python scripts/mutation.py --reuse compare     # more modules, in the last copy
     .venv/bin/python scripts/mutation.py --table             # the results so far
@@ -136,13 +136,11 @@ EQUIVALENT: dict[str, str] = {
         "index (k-1)//2 = k//2 is partitioned anyway",
     **dict.fromkeys([f"vggnorm.core.compare.x__column_median__mutmut_{n}" for n in (24, 48)],
         "max(k - 1, 1) // 2 for max(k - 1, 0) // 2: they differ only for k <= 1, where both are 0"),
-    "vggnorm.core.compare.x__compare_conv__mutmut_42":
-        "reshape(-2, n) for reshape(-1, n): numpy takes any negative size as the one to infer",
+    **dict.fromkeys([f"vggnorm.core.compare.x__compare_conv__mutmut_{n}" for n in (36, 42)],
+        "reshape(-2, n) for reshape(-1, n): numpy takes any negative size as the one to infer"),
     "vggnorm.core.compare.x__compare_conv__mutmut_114":
         "a filter with no ratio at all takes its bias ratio, NaN, instead of 1: the next line "
         "sets every scale that is not > 0, NaN included, to 1",
-    "vggnorm.core.compare.x_compare_weights__mutmut_92":
-        "CompareReport's `missing` left to its default, which is the same empty tuple",
     "vggnorm.core.compare.x__like_bias__mutmut_2":
         "`if norm or True`: without a BatchNormalization the keys are 'None/beta' and "
         "'None/moving_mean', which no weight set holds, and keys not held are skipped",
@@ -152,6 +150,28 @@ EQUIVALENT: dict[str, str] = {
     **dict.fromkeys([f"vggnorm.core.compare.x_scales_in_intervals__mutmut_{n}" for n in (8, 10)],
         "the scales kept in their own dtype: every use subtracts or compares float64 means, "
         "which numpy does in float64 anyway"),
+    # torch_layouts
+    **dict.fromkeys(["vggnorm.core.torch_layouts.x__to_theirs__mutmut_46",
+                     "vggnorm.core.torch_layouts.x__to_ours__mutmut_37",
+                     "vggnorm.core.torch_layouts.x_convert_flatten_rows__mutmut_20",
+                     "vggnorm.core.torch_layouts.x_convert_flatten_rows__mutmut_60"],
+        "np.array(w, order='C') without copy=True: np.array copies by default"),
+    **dict.fromkeys(["vggnorm.core.torch_layouts.x__to_theirs__mutmut_48",
+                     "vggnorm.core.torch_layouts.x__to_ours__mutmut_39",
+                     "vggnorm.core.torch_layouts.x_convert_flatten_rows__mutmut_22",
+                     "vggnorm.core.torch_layouts.x_convert_flatten_rows__mutmut_65"],
+        "order='c' for order='C': numpy reads either"),
+    "vggnorm.core.torch_layouts.x_compensate_head__mutmut_22":
+        "kernel.astype(None) for kernel.astype(np.float64): numpy's default dtype is float64",
+    **dict.fromkeys(["vggnorm.core.torch_layouts.x_key_specs__mutmut_36",
+                     "vggnorm.core.torch_layouts.x__expected_head__mutmut_33"],
+        "the filters of the next-to-last conv for those of the last: 512 and 512 in VGG16 and "
+        "VGG19 alike"),
+    "vggnorm.core.torch_layouts.x__to_ours__mutmut_31":
+        "reshape(n, -2) for reshape(n, -1): numpy takes any negative size as the one to infer",
+    "vggnorm.core.torch_layouts.x_to_canonical__mutmut_19":
+        "`break` for `continue` when the head is left out: the head's keys come last in "
+        "key_specs, so stopping at the first leaves out the same keys as skipping each",
     # verdicts
     "vggnorm.core.verdicts.x_function_errors__mutmut_20":
         "b.astype(None): numpy's default dtype, float64, is what astype(np.float64) gives",
