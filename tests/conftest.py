@@ -8,7 +8,9 @@ examples are still printed with ``@reproduce_failure`` and the seed), and its ot
 from __future__ import annotations
 
 import getpass
+import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,18 @@ def pytest_configure(config: pytest.Config) -> None:
     # Start the server now, not inside the first test that reads a file: its start (loading
     # torch) would count against that test's deadlines, or meet its Ctrl-C.
     _guard.run_guarded(os.getpid, what="the fork server's start", timeout=120)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _signal_handlers_as_found() -> Iterator[None]:
+    """Each test module leaves SIGINT's and SIGTERM's handlers as it found them: ``ray.init``
+    installs a SIGTERM handler that outlives ``ray.shutdown()``, and a later test's signals
+    would meet it."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 _RAY_TMPDIR: list[str] = []
