@@ -287,8 +287,13 @@ def passthrough_keys(layout: Layout, arch_name: str) -> tuple[str, ...]:
     keys = LAYOUTS[layout].fixed_keys
     for key in norm_key_map(layout, arch_name).values():
         if key.endswith(".running_var"):
-            keys += (key.removesuffix("running_var") + "num_batches_tracked",)
+            keys += (_counter_key(key),)
     return keys
+
+
+def _counter_key(running_var: str) -> str:
+    """The ``num_batches_tracked`` key of the BatchNorm whose ``running_var`` key is given."""
+    return running_var.removesuffix("running_var") + "num_batches_tracked"
 
 
 def _summary(keys: Sequence[str], limit: int = 4) -> str:
@@ -502,7 +507,7 @@ def _fresh_state(
         if ours in canonical or ours not in heads:
             keys.append(spec.key)
         if spec.key.endswith(".running_var"):
-            counter = spec.key.removesuffix("running_var") + "num_batches_tracked"
+            counter = _counter_key(spec.key)
             fixed[counter] = np.zeros((), np.int64)
             keys.append(counter)
     return keys, fixed
